@@ -1,0 +1,154 @@
+"""Typed configuration. The YAML files under ``configs/`` are the only home of defaults: these
+dataclasses declare types and checks, and their default instances are read from the YAML.
+
+    SpeculativeDecodingConfig()                       # the defaults of configs/config.yaml
+    SpeculativeDecodingConfig.from_overrides(["tree_search=static", "decoding.method=chain"])
+    SpeculativeDecodingConfig.from_hydra(cfg)         # inside a @hydra.main script
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from models.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+METHODS = ("target_only", "chain", "tree")
+TREE_MODES = ("static", "dynamic")
+CHILD_DRAWS = ("topk", "iid", "without_replacement")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid config value {key}={value!r}: {rule}")
+
+
+@dataclass
+class ModelConfig:
+    target_model_name: str
+    draft_model_name: Optional[str]
+    device: str
+    dtype: str
+    attn_implementation: Optional[str]
+    cache_dir: Optional[str]
+
+    def __post_init__(self):
+        _check(bool(self.target_model_name), "model.target_model_name", self.target_model_name, "must be a local path or 'demo:target'")
+        _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {DTYPES}")
+
+
+@dataclass
+class DecodingConfig:
+    method: str
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    use_chat_template: bool
+    stop_on_eos: bool
+
+    def __post_init__(self):
+        _check(self.method in METHODS, "decoding.method", self.method, f"one of {METHODS}")
+        _check(self.max_new_tokens >= 1, "decoding.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _check(self.temperature >= 0, "decoding.temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        _check(self.top_k >= 0, "decoding.top_k", self.top_k, "must be >= 0 (0 = off)")
+        _check(0 < self.top_p <= 1, "decoding.top_p", self.top_p, "must be in (0, 1] (1 = off)")
+
+    @property
+    def greedy(self) -> bool:
+        """Greedy when sampling is off or the temperature is 0 (the greedy limit)."""
+        return not self.do_sample or self.temperature == 0
+
+
+@dataclass
+class TreeSearchConfig:
+    mode: str
+    max_depth: int
+    max_candidates: int
+    max_nodes: int
+    branching: List[int]
+    child_draw: str
+
+    def __post_init__(self):
+        _check(self.mode in TREE_MODES, "tree_search.mode", self.mode, f"one of {TREE_MODES}")
+        _check(self.max_depth >= 1, "tree_search.max_depth", self.max_depth, "must be >= 1")
+        _check(self.max_candidates >= 1, "tree_search.max_candidates", self.max_candidates, "must be >= 1")
+        _check(self.max_nodes >= 1, "tree_search.max_nodes", self.max_nodes, "node budget must be >= 1")
+        _check(self.child_draw in CHILD_DRAWS, "tree_search.child_draw", self.child_draw, f"one of {CHILD_DRAWS}")
+        if self.mode == "static":
+            b = list(self.branching)
+            _check(len(b) >= self.max_depth and all(x >= 1 for x in b), "tree_search.branching", b,
+                   f"static mode needs a positive branching factor for each of the {self.max_depth} levels")
+            size, width = 0, 1
+            for x in b[: self.max_depth]:
+                width *= x
+                size += width
+            _check(size <= self.max_nodes, "tree_search.branching", b,
+                   f"the static tree has {size} nodes, more than tree_search.max_nodes={self.max_nodes}")
+
+
+def _group(name: str, cls: type):
+    return field(default_factory=lambda: _structured(cls, default_config()[name], name))
+
+
+@dataclass
+class SpeculativeDecodingConfig:
+    model: ModelConfig = _group("model", ModelConfig)
+    decoding: DecodingConfig = _group("decoding", DecodingConfig)
+    tree_search: TreeSearchConfig = _group("tree_search", TreeSearchConfig)
+
+    @classmethod
+    def from_hydra(cls, cfg: DictConfig) -> "SpeculativeDecodingConfig":
+        """Typed, validated view of a composed Hydra config (other top-level keys are ignored)."""
+        return cls(**{name: _structured(group, cfg[name], name) for name, group in _TYPES.items()})
+
+    @classmethod
+    def from_overrides(cls, overrides: list[str] | None = None) -> "SpeculativeDecodingConfig":
+        return cls.from_hydra(compose(overrides))
+
+    def to_dict(self) -> dict:
+        return {f.name: OmegaConf.to_container(OmegaConf.structured(getattr(self, f.name))) for f in fields(self)}
+
+
+_TYPES = {"model": ModelConfig, "decoding": DecodingConfig, "tree_search": TreeSearchConfig}
+
+
+def _structured(cls: type, values, name: str):
+    """Merge ``values`` into the schema ``cls`` (type-checked by OmegaConf) and build the dataclass."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), values)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config group {name!r}: {e}") from None
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``configs/config.yaml`` with Hydra (outside a running Hydra app)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides or []))
+    except HydraException as e:
+        raise ConfigError(f"bad config override: {e}") from None
+
+
+@lru_cache(maxsize=1)
+def default_config() -> DictConfig:
+    """The composed defaults (cached; read-only)."""
+    cfg = compose()
+    OmegaConf.set_readonly(cfg, True)
+    return cfg

@@ -1,0 +1,151 @@
+"""DraftTree: the one typed object a draft tree travels as between modules.
+
+Layout. Node 0 is the *root*: the last committed token, which is in neither model's KV cache yet.
+Nodes 1..N-1 are drafted tokens in topological order (``parents[i] < i``), so any prefix
+``0..k`` of the nodes is itself a tree. A path root -> node is a candidate continuation.
+
+    tokens      [N] long    token id of each node
+    parents     [N] long    parent index (-1 for the root)
+    depth       [N] long    0 for the root, parent depth + 1 otherwise
+    logprobs    [N] float   draft log q(token | parent's path); 0 for the root
+    draft_probs {node: [V]} the exact (processed) draft distribution the children of ``node`` were
+                            drawn from; filled in sampling mode only, for lossless verification
+    origin      [N] long    index of each node in the tree as the draft grew it, or None when this
+                            is that tree; ``select`` keeps it, so the drafter can map paths back
+
+Tree attention: the verify pass feeds all N nodes at once with ``position_ids = prefix_len +
+depth`` and a 4-D mask in which the cached prefix is fully visible and each node sees its
+ancestors and itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DraftTree:
+    tokens: torch.Tensor  # [N] long
+    parents: torch.Tensor  # [N] long
+    depth: torch.Tensor  # [N] long
+    logprobs: torch.Tensor  # [N] float32
+    draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    origin: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_root(cls, root_token: int, device: torch.device | str = "cpu") -> "DraftTree":
+        long = dict(dtype=torch.long, device=device)
+        return cls(
+            tokens=torch.tensor([root_token], **long),
+            parents=torch.tensor([-1], **long),
+            depth=torch.tensor([0], **long),
+            logprobs=torch.zeros(1, dtype=torch.float32, device=device),
+        )
+
+    def add_children(self, parents: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+        """Append children (``parents[j]`` must already be nodes); returns their new indices [M]."""
+        start = len(self)
+        parents = parents.to(self.parents.device, torch.long)
+        self.tokens = torch.cat([self.tokens, tokens.to(self.tokens.device, torch.long)])
+        self.parents = torch.cat([self.parents, parents])
+        self.depth = torch.cat([self.depth, self.depth[parents] + 1])
+        self.logprobs = torch.cat([self.logprobs, logprobs.to(self.logprobs.device, torch.float32)])
+        return torch.arange(start, len(self), device=self.tokens.device)
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_drafted(self) -> int:
+        """Drafted nodes, the root excluded."""
+        return len(self) - 1
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max())
+
+    def path_logprobs(self) -> torch.Tensor:
+        """Cumulative draft log-prob of the path root -> node, [N]."""
+        cum = self.logprobs.clone()
+        parents = self.parents.tolist()
+        for i in range(1, len(self)):
+            cum[i] += cum[parents[i]]
+        return cum
+
+    def children(self, node: int) -> list[int]:
+        """Children of ``node`` in draft order (the order they were drawn)."""
+        return (self.parents == node).nonzero().flatten().tolist()
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices root -> ``node`` inclusive."""
+        path, parents = [], self.parents.tolist()
+        while node != -1:
+            path.append(node)
+            node = parents[node]
+        return path[::-1]
+
+    def paths(self) -> list[list[int]]:
+        """Every root -> leaf path (node indices), leaves in index order."""
+        has_child = torch.zeros(len(self), dtype=torch.bool)
+        has_child[self.parents[1:].cpu()] = True
+        return [self.path_to(i) for i in range(len(self)) if not has_child[i]]
+
+    def ancestor_matrix(self) -> torch.Tensor:
+        """anc[i, j] = True iff j is an ancestor of i or j == i. [N, N] bool."""
+        n = len(self)
+        anc = torch.eye(n, dtype=torch.bool, device=self.tokens.device)
+        parents = self.parents.tolist()
+        for i in range(1, n):  # topological order: the parent's row is final
+            anc[i] |= anc[parents[i]]
+        return anc
+
+    # ------------------------------------------------------------------ tree attention
+    def position_ids(self, prefix_len: int) -> torch.Tensor:
+        """[1, N]: the root sits right after the cached prefix, each node at its depth beyond it."""
+        return (prefix_len + self.depth).unsqueeze(0)
+
+    def attention_mask(self, prefix_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Additive 4-D mask [1, 1, N, prefix_len + N]: 0 where visible, dtype-min where not."""
+        return tree_attention_mask(self.ancestor_matrix(), prefix_len, dtype)
+
+    # ------------------------------------------------------------------ pruning
+    def select(self, keep: torch.Tensor | list[int]) -> tuple["DraftTree", torch.Tensor]:
+        """Sub-tree of the nodes in ``keep`` plus all their ancestors (the root always stays).
+
+        Returns the new tree and ``old_index`` [N'] mapping new node index -> old node index.
+        Relative order is preserved, so the result is still topologically ordered.
+        """
+        mask = torch.zeros(len(self), dtype=torch.bool, device=self.tokens.device)
+        mask[torch.as_tensor(keep, dtype=torch.long, device=self.tokens.device)] = True
+        mask[0] = True
+        mask = (self.ancestor_matrix() & mask.unsqueeze(1)).any(0)  # close under ancestors
+        old_index = mask.nonzero().flatten()
+        new_of_old = torch.full((len(self),), -1, dtype=torch.long, device=self.tokens.device)
+        new_of_old[old_index] = torch.arange(len(old_index), device=self.tokens.device)
+        parents = self.parents[old_index]
+        parents = torch.where(parents >= 0, new_of_old[parents.clamp(min=0)], parents)
+        probs = {int(new_of_old[k]): v for k, v in self.draft_probs.items() if mask[k]}
+        origin = old_index if self.origin is None else self.origin[old_index]
+        tree = DraftTree(self.tokens[old_index], parents, self.depth[old_index], self.logprobs[old_index], probs, origin)
+        return tree, old_index
+
+    def grown_index(self, nodes: list[int]) -> list[int]:
+        """Indices of ``nodes`` in the tree as the draft grew it (before any ``select``)."""
+        return nodes if self.origin is None else self.origin[nodes].tolist()
+
+
+def tree_attention_mask(visible: torch.Tensor, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [1, 1, Q, prefix_len + K] from ``visible`` [Q, K] bool (query sees key).
+
+    The ``prefix_len`` cached positions before the keys are visible to every query.
+    """
+    q = visible.shape[0]
+    full = torch.ones(q, prefix_len, dtype=torch.bool, device=visible.device)
+    allowed = torch.cat([full, visible], dim=1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=visible.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]

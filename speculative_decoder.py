@@ -1,0 +1,386 @@
+"""SpeculativeDecoder: lossless tree speculative decoding for any pair of HF causal LMs.
+
+    from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
+    decoder = SpeculativeDecoder(SpeculativeDecodingConfig())        # the demo pair
+    ids, stats = decoder.generate(input_ids, max_new_tokens=128)     # ids: [1, prompt + new]
+    text = decoder.generate_text("Why is the sky blue?")
+    for piece in decoder.stream("Tell me a story"): print(piece, end="")
+
+One decode step (``_decode``), as in DESIGN.md section 2:
+  0. prefill the target and the draft; the target's last logits give the first root token
+  1. draft a tree under the root (one draft forward per level, tree mask, draft KV cache)
+  4. verify: one target forward over root + nodes (4-D mask + position_ids); greedy or rejection sampling
+  5. commit: both caches keep prefix + accepted path; the emitted next token becomes the new root
+  6. stop on EOS inside the emitted tokens, at max_new_tokens exactly, or at the context limit
+(steps 2-3, alignment/acceptance prediction/pruning, plug in between 1 and 4.)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from models.config import SpeculativeDecodingConfig
+from models.draft_tree_search import DraftTreeSearch, TreeShape
+from models.drafter import Drafter, HFDrafter
+from models.errors import ConfigError, InputError, ModelLoadError, VocabularyMismatchError
+from models.kv_cache import cache_length, keep_tokens, new_cache
+from models.sampling import logits_to_probs
+from models.tree import DraftTree
+from models.verification import verify_greedy, verify_sampling
+
+__all__ = ["SpeculativeDecoder", "SpeculativeDecodingConfig", "GenerationStats", "load_model", "load_tokenizer"]
+
+PHASES = ("prefill", "draft", "verify", "commit", "other")
+
+
+@dataclass
+class GenerationStats:
+    """What one ``generate`` call did. ``as_dict()`` adds the derived metrics (DESIGN.md section 7)."""
+
+    method: str
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_forwards: int = 0  # prefill included
+    steps: int = 0  # verify forwards (each emits accepted drafts + one target token)
+    drafted_tokens: int = 0  # tree nodes sent to verification, roots excluded
+    accepted_tokens: int = 0  # drafted tokens the target kept
+    draft_forwards: int = 0
+    accepted_per_depth: list[int] = field(default_factory=list)
+    time_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    stop_reason: str = ""
+
+    @property
+    def total_time_s(self) -> float:
+        return sum(self.time_s.values())
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens emitted per verify step, the target's own token counted (1.0 for target-only)."""
+        return (self.new_tokens - 1) / self.steps if self.steps else 1.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.total_time_s if self.total_time_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(mean_accepted_length=self.mean_accepted_length, acceptance_rate=self.acceptance_rate,
+                 tokens_per_s=self.tokens_per_s, total_time_s=self.total_time_s)
+        return d
+
+
+class _Timer:
+    """Accumulates wall time per phase; synchronises CUDA so that GPU time lands in its phase."""
+
+    def __init__(self, stats: GenerationStats, device: torch.device):
+        self.stats, self.cuda = stats, device.type == "cuda"
+        self.t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.stats.time_s[phase] += now - self.t
+        self.t = now
+
+
+class SpeculativeDecoder:
+    def __init__(self, config: SpeculativeDecodingConfig | None = None):
+        """Load ``config.model.*`` (the demo pair by default) and build the decoder."""
+        config = config or SpeculativeDecodingConfig()
+        m = config.model
+        target_path = resolve_model_path(m.target_model_name, m.cache_dir)
+        tokenizer = load_tokenizer(target_path)
+        target = load_model(target_path, m.device, m.dtype, m.attn_implementation)
+        draft = None
+        if m.draft_model_name and config.decoding.method != "target_only":
+            draft = load_model(resolve_model_path(m.draft_model_name, m.cache_dir), m.device, m.dtype, m.attn_implementation)
+        self._setup(target, draft, tokenizer, config)
+
+    @classmethod
+    def from_models(cls, target, draft, tokenizer=None, config: SpeculativeDecodingConfig | None = None) -> "SpeculativeDecoder":
+        """Wrap already-loaded models. ``draft`` is an HF causal LM, a ``Drafter``, or None (target only)."""
+        self = cls.__new__(cls)
+        self._setup(target, draft, tokenizer, config or SpeculativeDecodingConfig())
+        return self
+
+    def _setup(self, target, draft, tokenizer, config: SpeculativeDecodingConfig) -> None:
+        self.config = config
+        self.target_model = target.eval()
+        self.tokenizer = tokenizer
+        self.draft_model = draft.eval() if isinstance(draft, torch.nn.Module) else None
+        self.drafter: Drafter | None = HFDrafter(self.draft_model) if self.draft_model is not None else draft
+        if config.decoding.method != "target_only" and self.drafter is None:
+            raise ConfigError(f"decoding.method={config.decoding.method!r} needs a draft model "
+                              "(model.draft_model_name, or a draft passed to from_models)")
+        if self.draft_model is not None:
+            check_same_vocabulary(target, self.draft_model)
+        self.device = next(target.parameters()).device
+        self.context_limit = min(context_length(target), context_length(self.draft_model)) if self.draft_model is not None \
+            else context_length(target)
+        self.eos_ids = eos_token_ids(target, tokenizer)
+        self.last_stats: GenerationStats | None = None
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, **overrides) -> tuple[torch.Tensor, GenerationStats]:
+        """Generate up to ``max_new_tokens`` after ``input_ids`` [1, T] (or [T]).
+
+        Returns ``(ids [1, T + new], stats)``. ``overrides`` replace ``config.decoding`` fields for
+        this call (``method``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``).
+        """
+        for ids, self.last_stats in self._run(input_ids, max_new_tokens, overrides):
+            pass
+        return ids, self.last_stats
+
+    def generate_text(self, prompt: str, max_new_tokens: int | None = None, **overrides) -> str:
+        """The new text only (chat template applied when the tokenizer has one and the config says so)."""
+        return "".join(self.stream(prompt, max_new_tokens, **overrides))
+
+    def stream(self, prompt: str, max_new_tokens: int | None = None, **overrides) -> Iterator[str]:
+        """Yield text pieces as tokens are committed (incremental detokenization)."""
+        input_ids = self.encode_prompt(prompt)
+        start, shown = input_ids.shape[1], ""
+        for ids, self.last_stats in self._run(input_ids, max_new_tokens, overrides):
+            text = self.tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                continue
+            if len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+        text = self.tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+        if len(text) > len(shown):  # whatever was held back at the very end
+            yield text[len(shown):]
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Prompt text -> input_ids [1, T], through the chat template when there is one."""
+        if self.tokenizer is None:
+            raise ConfigError("text generation needs a tokenizer (pass one to from_models)")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("empty prompt: give at least one non-whitespace character")
+        if self.config.decoding.use_chat_template and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                     return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        return torch.as_tensor(ids).reshape(1, -1)
+
+    # ------------------------------------------------------------------ the decode loop
+    def _run(self, input_ids, max_new_tokens, overrides) -> Iterator[tuple[torch.Tensor, GenerationStats]]:
+        cfg = self._decoding(overrides)
+        max_new = cfg.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if max_new < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new}")
+        input_ids = self._check_input(input_ids)
+        prompt = input_ids[0].tolist()
+        out = list(prompt)
+        for emitted, stats in self._decode(input_ids, max_new, cfg):
+            out += emitted
+            yield torch.tensor([out], dtype=torch.long), stats
+
+    def _decode(self, input_ids: torch.Tensor, max_new: int, cfg) -> Iterator[tuple[list[int], GenerationStats]]:
+        """Yields (tokens emitted by this step, running stats) until a stop condition."""
+        stats = GenerationStats(method=cfg.method, prompt_tokens=input_ids.shape[1])
+        timer = _Timer(stats, self.device)
+        generator = None
+        to_probs = None
+        if not cfg.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+            to_probs = partial(logits_to_probs, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        search = self._search(cfg, to_probs) if cfg.method != "target_only" else None
+        limit = min(max_new, self.context_limit - input_ids.shape[1])  # new tokens we may emit
+
+        # 0. Prefill: the target's last logits give the first token (the first root).
+        cache = new_cache(self.target_model)
+        with torch.no_grad():
+            logits = self.target_model(input_ids=input_ids.to(self.device), past_key_values=cache,
+                                       use_cache=True, logits_to_keep=1).logits[0, -1]  # [V]
+        root = int(logits.argmax()) if to_probs is None else int(torch.multinomial(to_probs(logits), 1, generator=generator))
+        if search is not None:
+            self.drafter.prefill(input_ids.to(self.device))
+        at_limit = "max_new_tokens" if max_new <= self.context_limit - input_ids.shape[1] else "context"
+        first, stats.stop_reason = self._truncate([root], 0, limit, at_limit)
+        stats.target_forwards, stats.new_tokens = 1, 1
+        timer.lap("prefill")
+        yield first, stats
+        while not stats.stop_reason:
+            # 1. Draft a tree under the root; never deeper than what may still be emitted.
+            depth = min(search.shape.max_depth, limit - stats.new_tokens - 1) if search is not None else 0
+            if depth > 0:
+                tree = search.grow(self.drafter, root, depth, generator)
+                stats.draft_forwards += depth
+            else:
+                tree = DraftTree.from_root(root)
+            timer.lap("draft")
+            # 4. Verify: one target forward over root + nodes.
+            prefix = cache_length(cache)
+            logits = self._target_tree_forward(tree, prefix, cache)  # [N, V]
+            if to_probs is None:
+                path, nxt = verify_greedy(tree, logits)
+            else:
+                path, nxt = verify_sampling(tree, logits, to_probs, search.child_draw if search else "topk", generator)
+            timer.lap("verify")
+            # 5. Commit: both caches keep prefix + accepted path; nxt is the next root.
+            keep_tokens(cache, prefix, path)
+            if search is not None:
+                self.drafter.commit(tree, path)
+            timer.lap("commit")
+            emitted = tree.tokens[path[1:]].tolist() + [nxt]
+            # 6. Stop conditions (truncate after EOS or at the limit), then record.
+            emitted, stats.stop_reason = self._truncate(emitted, stats.new_tokens, limit, at_limit)
+            self._record(stats, tree, path, emitted)
+            root = nxt
+            timer.lap("other")
+            yield emitted, stats
+
+    def _target_tree_forward(self, tree: DraftTree, prefix: int, cache) -> torch.Tensor:
+        ids = tree.tokens.unsqueeze(0).to(self.device)  # [1, N]
+        pos = tree.position_ids(prefix).to(self.device)  # [1, N]
+        chain = bool((tree.parents[1:] == torch.arange(len(tree) - 1)).all())
+        mask = None if chain else tree.attention_mask(prefix, self.target_model.dtype).to(self.device)
+        with torch.no_grad():
+            out = self.target_model(input_ids=ids, position_ids=pos, attention_mask=mask,
+                                    past_key_values=cache, use_cache=True)
+        return out.logits[0]  # [N, V]
+
+    def _truncate(self, emitted: list[int], produced: int, limit: int, at_limit: str) -> tuple[list[int], str]:
+        """Cut ``emitted`` after the first EOS or where ``produced + kept`` reaches ``limit``.
+
+        Returns the tokens to keep and the stop reason ("" to go on).
+        """
+        if self.eos_ids and self.config.decoding.stop_on_eos:
+            hit = next((i for i, t in enumerate(emitted) if t in self.eos_ids), None)
+            if hit is not None and produced + hit + 1 <= limit:
+                return emitted[: hit + 1], "eos"
+        if produced + len(emitted) >= limit:
+            return emitted[: limit - produced], at_limit
+        return emitted, ""
+
+    def _record(self, stats: GenerationStats, tree: DraftTree, path: list[int], emitted: list[int]) -> None:
+        stats.steps += 1
+        stats.target_forwards += 1
+        stats.new_tokens += len(emitted)
+        stats.drafted_tokens += tree.num_drafted
+        accepted = min(len(path) - 1, len(emitted))
+        stats.accepted_tokens += accepted
+        for d in range(accepted):
+            if d >= len(stats.accepted_per_depth):
+                stats.accepted_per_depth.append(0)
+            stats.accepted_per_depth[d] += 1
+
+    # ------------------------------------------------------------------ helpers
+    def _decoding(self, overrides: dict):
+        cfg = self.config.decoding
+        if overrides:
+            unknown = set(overrides) - set(asdict(cfg))
+            if unknown:
+                raise ConfigError(f"unknown decoding option(s) {sorted(unknown)}; known: {sorted(asdict(cfg))}")
+            cfg = type(cfg)(**{**asdict(cfg), **overrides})
+        if cfg.method != "target_only" and self.drafter is None:
+            raise ConfigError(f"decoding.method={cfg.method!r} needs a draft model")
+        return cfg
+
+    def _search(self, cfg, to_probs) -> DraftTreeSearch:
+        t = self.config.tree_search
+        if cfg.method == "chain":
+            shape = TreeShape("static", t.max_depth, 1, t.max_depth, [1] * t.max_depth)
+        else:
+            shape = TreeShape(t.mode, t.max_depth, t.max_candidates, t.max_nodes, list(t.branching))
+        return DraftTreeSearch(shape, to_probs, t.child_draw)
+
+    def _check_input(self, input_ids) -> torch.Tensor:
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [1, T], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[0] != 1:
+            raise InputError(f"batch size {input_ids.shape[0]} is not supported yet: pass one sequence [1, T]")
+        if input_ids.shape[1] == 0:
+            raise InputError("empty prompt: input_ids has no tokens")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        vocab = self.target_model.get_output_embeddings().weight.shape[0]
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise InputError(f"input_ids hold ids outside the vocabulary [0, {vocab})")
+        if input_ids.shape[1] >= self.context_limit:
+            raise InputError(f"prompt of {input_ids.shape[1]} tokens leaves no room in the context of "
+                             f"{self.context_limit} tokens; shorten it to at most {self.context_limit - 1}")
+        return input_ids.long()
+
+
+# ---------------------------------------------------------------------- loading (free functions)
+def resolve_model_path(name: str, cache_dir: str | None = None) -> Path:
+    """A local model directory for ``name``; the demo names are built on first use."""
+    from training import demo_pair
+
+    if name == demo_pair.DEMO_TARGET:
+        return demo_pair.ensure_demo_target(cache_dir)
+    if name == demo_pair.DEMO_DRAFT:
+        from models.config import default_config
+        cfg = default_config()
+        return demo_pair.ensure_demo_draft(cache_dir, cfg.draft, cfg.data_dir)
+    path = Path(name).expanduser()
+    if not path.exists():
+        hint = (" It looks like a hub id; model hubs are not reachable here, so download the model elsewhere "
+                "and pass its local directory." if "/" in name and not name.startswith((".", "/", "~")) else "")
+        raise ModelLoadError(f"model path does not exist: {name!r}.{hint}")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32", attn_implementation: str | None = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), local_files_only=True,
+                                                     attn_implementation=attn_implementation)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load a tokenizer from {path}: {e}") from None
+
+
+def check_same_vocabulary(target, draft) -> None:
+    tv = target.get_output_embeddings().weight.shape[0]
+    dv = draft.get_output_embeddings().weight.shape[0]
+    if tv != dv:
+        raise VocabularyMismatchError(
+            f"draft vocabulary ({dv} tokens) differs from the target's ({tv}); speculative decoding needs a draft "
+            "that shares the target's tokenizer")
+
+
+def context_length(model) -> int:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if value:
+            return int(value)
+    return 1 << 30
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}

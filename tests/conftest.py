@@ -1,0 +1,72 @@
+"""Tiny random Hugging Face models (built from configs, no downloads) shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import (  # noqa: E402
+    GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
+    OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+)
+
+# Tiny models gain nothing from threads, and oversubscribed threads on a busy 2-core box are slow.
+torch.set_num_threads(1)
+
+VOCAB = 96
+ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox", "opt")
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = VOCAB, layers: int = 2, context: int = 256,
+               attn: str = "sdpa") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=context, **common)
+        cls = LlamaForCausalLM
+    elif arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=context, **common)
+        cls = Qwen2ForCausalLM
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=context, **common)
+        cls = GPT2LMHeadModel
+    elif arch == "gpt_neox":
+        cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                            max_position_embeddings=context, **common)
+        cls = GPTNeoXForCausalLM
+    elif arch == "opt":
+        cfg = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=layers, num_attention_heads=4,
+                        max_position_embeddings=context, word_embed_proj_dim=32, **common)
+        cls = OPTForCausalLM
+    else:
+        raise ValueError(arch)
+    cfg._attn_implementation = attn
+    model = cls(cfg)
+    # Random init gives nearly flat logits; sharpen them so greedy paths are far from ties.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model.eval()
+
+
+def noisy_copy(model: torch.nn.Module, scale: float, seed: int = 1) -> torch.nn.Module:
+    """A draft that agrees with ``model`` often but not always."""
+    torch.manual_seed(seed)
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn_like(p) * scale * (p.std() if p.numel() > 1 else 1.0))
+    return draft.eval()
+
+
+@pytest.fixture(scope="session")
+def default_config():
+    from speculative_decoder import SpeculativeDecodingConfig
+    return SpeculativeDecodingConfig()

@@ -1,0 +1,306 @@
+"""The quick draft: the target's first k layers, distilled to the target on train-only text.
+
+Why this recipe (measured on 2 CPU cores, see /work/shared/demo-pair.md and the README):
+- A truncated target shares the tokenizer, embeddings, final norm and lm_head with the target, so
+  it starts as a (poor) draft at no cost and only its k decoder layers need training.
+- Distillation (KL from the target's full next-token distribution) gives a dense signal per
+  position, far more than next-token cross-entropy on text the target did not write.
+- The cost is one teacher forward plus one student forward/backward per token. On a CPU with
+  bf16 support the teacher in bf16 is ~2.5x faster than fp32 and its soft labels barely change;
+  the agreement we report is always against the fp32 target's argmax.
+Everything is deterministic for a given config: seeded init, seeded data order, no dropout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# Evaluation prompt sets in the shared data folder: training on them would inflate every reported
+# speedup, so a recipe naming one is refused outright.
+EVAL_SETS = ("spec_bench", "mt_bench", "humaneval", "gsm8k_test")
+# t0 completions carry the source model's end-of-text marker; it is not part of the answer.
+STRIP_SUFFIXES = ("<|endoftext|>",)
+
+
+def make_truncated_draft(target, num_layers: int):
+    """A fresh model of the target's architecture keeping only its first ``num_layers`` layers.
+
+    Parameter names of the kept modules are the same in both models (layers are indexed from 0),
+    so copying by name works for any HF causal LM (Llama, Qwen2, GPT-2, GPT-NeoX, OPT, ...).
+    """
+    from transformers import AutoModelForCausalLM
+
+    total = target.config.num_hidden_layers
+    if not 1 <= num_layers <= total:
+        raise ConfigError(f"draft num_layers={num_layers} must be in [1, {total}] (target layers)")
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):  # per-layer attention kinds (Qwen2, Gemma, ...)
+        config.layer_types = list(config.layer_types)[:num_layers]
+    draft = AutoModelForCausalLM.from_config(config, dtype=target.dtype)
+    source = target.state_dict()
+    draft.load_state_dict({name: source[name] for name in draft.state_dict()}, strict=True)
+    if getattr(config, "tie_word_embeddings", False):
+        draft.tie_weights()  # load_state_dict copies values; make sure the tie survives it
+    draft.generation_config = copy.deepcopy(target.generation_config)
+    return draft
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def _read_rows(data_dir: Path, train_files: Mapping[str, str]) -> list[list[tuple[str, str]]]:
+    """(prompt, answer) pairs per train file, in file order."""
+    if not data_dir.is_dir():
+        raise ModelLoadError(
+            f"prompt data folder {data_dir} does not exist. Fix: set the config key `data_dir` "
+            "(or $TREESPEC_DATA) to the folder holding alpaca_train_2k.jsonl and friends.")
+    per_file = []
+    for name, field in train_files.items():
+        if any(e in name for e in EVAL_SETS):
+            raise ConfigError(f"draft.train_files names {name}, an evaluation set; train on "
+                              "train-only files (alpaca_train_2k, gsm8k_train, t0_train_sample)")
+        path = data_dir / name
+        if not path.is_file():
+            raise ModelLoadError(f"draft training file {path} is missing (config key `data_dir`"
+                                 f" = {data_dir}, draft.train_files)")
+        rows = []
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                row = json.loads(line)
+                answer = str(row[field])
+                for suffix in STRIP_SUFFIXES:
+                    answer = answer.removesuffix(suffix)
+                rows.append((row["prompt"], answer.strip()))
+        per_file.append(rows)
+    return per_file
+
+
+def _interleave(per_file: list[list], seed: int) -> list:
+    """Shuffle each file, then take one row from each in turn: every file contributes evenly
+    (gsm8k_train alone would otherwise be half the text) and the order is fixed by the seed."""
+    rng = random.Random(seed)
+    shuffled = [rng.sample(rows, len(rows)) for rows in per_file]
+    out = []
+    for i in range(max(map(len, shuffled))):
+        out.extend(rows[i] for rows in shuffled if i < len(rows))
+    return out
+
+
+def _encode(tokenizer, prompt: str, answer: str, max_len: int) -> tuple[list[int], int] | None:
+    """Token ids of the chat-formatted exchange and the index of its first answer token.
+
+    The prompt and answer are tokenized apart so the boundary is exact; the draft sees exactly
+    the format it drafts in at inference (chat template with the generation prompt)."""
+    user = [{"role": "user", "content": prompt}]
+    if getattr(tokenizer, "chat_template", None):
+        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}],
+                                             tokenize=False)
+        tail = full[len(head):] if full.startswith(head) else answer
+    else:
+        head, tail = prompt + "\n", answer + (tokenizer.eos_token or "")
+    p = tokenizer(head, add_special_tokens=False).input_ids
+    ids = (p + tokenizer(tail, add_special_tokens=False).input_ids)[:max_len]
+    # A prompt that fills the window leaves no answer position to learn from or score: skip it.
+    return (ids, len(p)) if len(ids) - len(p) >= 2 else None
+
+
+def _batches(seqs: list[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int):
+    """Right-padded batches, grouped by length to waste little compute on padding.
+
+    Right padding needs no attention mask under causal attention (real tokens never see the
+    pads after them), so the fast is_causal attention path is kept. ``sel`` marks the positions
+    whose next token is an answer token: the only ones a draft is ever asked about."""
+    group = 16 * batch_size  # sort within windows of the fixed order, then shuffle the batches
+    chunks = []
+    for g in range(0, len(seqs), group):
+        window = sorted(seqs[g:g + group], key=lambda s: len(s[0]))
+        chunks += [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+    random.Random(seed + 1).shuffle(chunks)
+    out = []
+    for chunk in chunks:
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        sel = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for row, (seq, start) in enumerate(chunk):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            sel[row, start - 1:len(seq) - 1] = True
+        out.append((ids, sel))
+    return out
+
+
+def prepare_data(tokenizer, cfg, data_dir: Path):
+    """(train batches, eval batches): eval is a held-out slice of the same train-only text."""
+    pool = _interleave(_read_rows(Path(data_dir), cfg.train_files), cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded: Iterator = (e for e in (_encode(tokenizer, p, a, cfg.max_seq_len) for p, a in pool)
+                         if e is not None)
+    eval_seqs, n = [], 0
+    while n < cfg.eval_tokens:  # held out first, so the training slice can grow independently
+        seq = next(encoded)
+        eval_seqs.append(seq)
+        n += len(seq[0]) - seq[1]
+    train_seqs = [seq for seq, _ in zip(encoded, range(cfg.steps * cfg.batch_size))]
+    if len(train_seqs) < cfg.steps * cfg.batch_size:
+        log.warning("only %d training sequences for %d steps x %d: fewer steps will run",
+                    len(train_seqs), cfg.steps, cfg.batch_size)
+    return (_batches(train_seqs, cfg.batch_size, pad_id, cfg.seed),
+            _batches(eval_seqs, cfg.batch_size, pad_id, cfg.seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation and evaluation
+# ---------------------------------------------------------------------------------------------
+
+def _logits_at(model, ids: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """Logits only at the selected positions: the lm_head (49152 x 576 for the demo) is the
+    largest matmul of a shallow draft, so skipping prompt and padding positions saves most of it."""
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    return model.get_output_embeddings()(hidden[sel])
+
+
+def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) over the full vocabulary, in fp32."""
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def distill(student, teacher, batches, cfg, progress: bool = True) -> list[float]:
+    """Train the student's decoder layers (and final norm) to match the teacher; returns losses.
+
+    Embeddings and lm_head stay frozen (tied in the demo): they already are the target's, and
+    freezing skips the 49152 x 576 weight-gradient matmul, the largest one of each step."""
+    from tqdm.auto import tqdm
+
+    student.get_input_embeddings().weight.requires_grad_(False)
+    student.get_output_embeddings().weight.requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = len(batches)
+    warmup = min(cfg.warmup_steps, steps)
+
+    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%: short runs need both
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg.student_bf16))
+    student.train()
+    losses = []
+    bar = tqdm(batches, desc="distilling draft", disable=not progress, dynamic_ncols=True)
+    for ids, sel in bar:
+        with torch.no_grad():
+            t_logits = _logits_at(teacher, ids, sel)
+        with autocast:
+            s_logits = _logits_at(student, ids, sel)
+        loss = kl_loss(t_logits, s_logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(kl=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    student.eval()
+    return losses
+
+
+@torch.no_grad()
+def target_argmax(target, batches) -> list[torch.Tensor]:
+    return [_logits_at(target, ids, sel).argmax(-1) for ids, sel in batches]
+
+
+@torch.no_grad()
+def agreement(draft, batches, reference: list[torch.Tensor], k: int = 4) -> dict[str, float]:
+    """How often the target's greedy token is the draft's top-1 / within its top-k."""
+    hit1 = hitk = n = 0
+    for (ids, sel), ref in zip(batches, reference):
+        top = _logits_at(draft, ids, sel).topk(k, dim=-1).indices
+        hit1 += (top[:, 0] == ref).sum().item()
+        hitk += (top == ref[:, None]).any(-1).sum().item()
+        n += ref.numel()
+    return {"top1": round(hit1 / n, 4), f"top{k}": round(hitk / n, 4), "positions": n}
+
+
+def build_quick_draft(target_dir, out_dir, cfg, data_dir, progress: bool = True) -> Path:
+    """Make, train, evaluate and save the draft; ``out_dir`` appears only once it is complete."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.demo_pair import write_marker
+
+    t0 = time.perf_counter()
+    target_dir, out_dir = Path(target_dir), Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    train_batches, eval_batches = prepare_data(tokenizer, cfg, Path(data_dir))
+    draft = make_truncated_draft(target, cfg.num_layers)
+
+    reference = target_argmax(target, eval_batches)  # the fp32 target: what decoding will use
+    before = agreement(draft, eval_batches, reference)
+    log.info("agreement before training: %s", before)
+    # The teacher may run in bf16 for speed; a copy keeps the fp32 target intact for evaluation.
+    teacher = target if cfg.teacher_dtype == "float32" else \
+        copy.deepcopy(target).to(getattr(torch, cfg.teacher_dtype))
+    teacher.requires_grad_(False)
+    t_train = time.perf_counter()
+    losses = distill(draft, teacher, train_batches, cfg, progress=progress)
+    train_s = time.perf_counter() - t_train
+    after = agreement(draft, eval_batches, reference)
+    log.info("agreement after training: %s", after)
+
+    # Write next to the destination and rename: an interrupted build leaves only a .tmp-* folder,
+    # never a directory that looks finished.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
+    try:
+        draft.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        n = len(losses)
+        write_marker(tmp, kind="truncated-distilled-draft", target=str(target_dir),
+                     recipe=_plain(cfg), data_dir=str(data_dir),
+                     train_tokens=int(sum(sel.sum() for _, sel in train_batches)),
+                     steps_run=n, train_seconds=round(train_s, 1),
+                     seconds=round(time.perf_counter() - t0, 1),
+                     kl_first=round(sum(losses[:10]) / max(1, min(10, n)), 4),
+                     kl_last=round(sum(losses[-10:]) / max(1, min(10, n)), 4),
+                     agreement_before=before, agreement_after=after,
+                     torch_threads=torch.get_num_threads())
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _plain(cfg) -> dict:
+    """The recipe as plain JSON data (a DictConfig or any mapping)."""
+    try:
+        from omegaconf import OmegaConf
+        if OmegaConf.is_config(cfg):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:
+        pass
+    return json.loads(json.dumps(dict(cfg), default=str))
