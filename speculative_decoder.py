@@ -99,12 +99,12 @@ class SpeculativeDecoder:
         """Load ``config.model.*`` (the demo pair by default) and build the decoder."""
         config = config or SpeculativeDecodingConfig()
         m = config.model
-        target_path = resolve_model_path(m.target_model_name, m.cache_dir)
+        target_path = resolve_model_path(m.target_model_name, m.cache_dir, m.data_dir)
         tokenizer = load_tokenizer(target_path)
         target = load_model(target_path, m.device, m.dtype, m.attn_implementation)
         draft = None
         if m.draft_model_name and config.decoding.method != "target_only":
-            draft = load_model(resolve_model_path(m.draft_model_name, m.cache_dir), m.device, m.dtype, m.attn_implementation)
+            draft = load_model(resolve_model_path(m.draft_model_name, m.cache_dir, m.data_dir), m.device, m.dtype, m.attn_implementation)
         self._setup(target, draft, tokenizer, config)
 
     @classmethod
@@ -319,16 +319,22 @@ class SpeculativeDecoder:
 
 
 # ---------------------------------------------------------------------- loading (free functions)
-def resolve_model_path(name: str, cache_dir: str | None = None) -> Path:
-    """A local model directory for ``name``; the demo names are built on first use."""
+def resolve_model_path(name: str, cache_dir: str | None = None, data_dir: str | None = None) -> Path:
+    """A local model directory for ``name``; the demo names are built on first use.
+
+    ``demo:draft`` is the draft of the default recipe ``configs/draft/quick.yaml``; drafts of other
+    recipes are made with ``scripts/make_draft.py draft.<key>=...`` and used by their path.
+    """
+    from omegaconf import OmegaConf
+
+    from models.config import CONFIG_DIR
     from training import demo_pair
 
     if name == demo_pair.DEMO_TARGET:
         return demo_pair.ensure_demo_target(cache_dir)
     if name == demo_pair.DEMO_DRAFT:
-        from models.config import default_config
-        cfg = default_config()
-        return demo_pair.ensure_demo_draft(cache_dir, cfg.draft, cfg.data_dir)
+        recipe = OmegaConf.load(CONFIG_DIR / "draft" / "quick.yaml")
+        return demo_pair.ensure_demo_draft(cache_dir, recipe, data_dir or "../shared/data")
     path = Path(name).expanduser()
     if not path.exists():
         hint = (" It looks like a hub id; model hubs are not reachable here, so download the model elsewhere "

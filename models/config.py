@@ -38,6 +38,7 @@ class ModelConfig:
     dtype: str
     attn_implementation: Optional[str]
     cache_dir: Optional[str]
+    data_dir: str  # prompt sets; the demo draft is distilled on its train-only files
 
     def __post_init__(self):
         _check(bool(self.target_model_name), "model.target_model_name", self.target_model_name, "must be a local path or 'demo:target'")
@@ -125,6 +126,8 @@ _TYPES = {"model": ModelConfig, "decoding": DecodingConfig, "tree_search": TreeS
 def _structured(cls: type, values, name: str):
     """Merge ``values`` into the schema ``cls`` (type-checked by OmegaConf) and build the dataclass."""
     try:
+        if isinstance(values, DictConfig):  # resolve interpolations against the full config first
+            values = OmegaConf.to_container(values, resolve=True)
         merged = OmegaConf.merge(OmegaConf.structured(cls), values)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -137,13 +140,16 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
+    gh = GlobalHydra.instance()
+    running = gh.hydra  # a @hydra.main app may be running: put its state back afterwards
+    gh.clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=list(overrides or []))
     except HydraException as e:
         raise ConfigError(f"bad config override: {e}") from None
+    finally:
+        gh.hydra = running
 
 
 @lru_cache(maxsize=1)

@@ -25,7 +25,10 @@ class NumericalError(TreeSpecError):
 
 def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
     """float32 copy with NaN -> -inf and +inf rows reduced to a uniform choice among the +inf entries."""
-    logits = logits.float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    logits = logits.float()
+    if bool(torch.isfinite(logits).all()):  # the common case: one check
+        return logits
+    logits = logits.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     pos = torch.isposinf(logits)
     if pos.any():
         has_pos = pos.any(-1, keepdim=True)

@@ -70,3 +70,15 @@ def noisy_copy(model: torch.nn.Module, scale: float, seed: int = 1) -> torch.nn.
 def default_config():
     from speculative_decoder import SpeculativeDecodingConfig
     return SpeculativeDecodingConfig()
+
+
+def tiny_tokenizer(vocab: int = VOCAB):
+    """Word-level tokenizer: token i is the word 'w{i}' (ids 0/1 are <s> and </s>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="</s>")

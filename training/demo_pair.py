@@ -27,6 +27,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from filelock import FileLock
+
 from models.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -110,13 +112,19 @@ def find_demo_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def ensure_demo_target(cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the directory of the demo target in HF format, converting it once (~40 s)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     out = cache_root(cache_dir) / DEMO_TARGET_DIRNAME
     if is_complete(out):
         return out
-    gguf = find_demo_gguf(cache_dir)
+    with FileLock(str(out) + ".lock"):  # parallel test workers / scripts convert once
+        if is_complete(out):
+            return out
+        return _convert_target(out, find_demo_gguf(cache_dir))
+
+
+def _convert_target(out: Path, gguf: Path) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     t0 = time.perf_counter()
     log.info("converting %s to safetensors in %s (once, ~40 s)", gguf.name, out)
     kw = dict(gguf_file=gguf.name)

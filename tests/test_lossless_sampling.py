@@ -1,0 +1,215 @@
+"""Speculative sampling is lossless: emitted tokens are distributed exactly as target-only sampling.
+
+Method. A synthetic pair whose logits are a fixed function of the context (a seeded table, so the
+exact target distribution of the next three tokens can be enumerated), the real tree search and the
+real verification. For every variant we draw N continuations of three tokens and compare the
+empirical joint distribution with the exact one:
+- chi-square goodness of fit, accepted when p > 1e-3 (cells with expected count < 5 pooled);
+- total variation below a bound derived from N: E[TV] <= 1/2 sum_i sqrt(p_i (1 - p_i) / N), and TV
+  moves by at most 1/N per sample, so by McDiarmid P(TV > E[TV] + t) <= exp(-2 N t^2); t is set
+  for a 1e-3 false-alarm rate.
+A negative control (rejections that skip the residual update) must fail the same test.
+"""
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import models.verification as verification
+from conftest import tiny_model
+from models.draft_tree_search import DraftTreeSearch, TreeShape
+from models.drafter import Drafter
+from models.sampling import logits_to_probs
+from models.tree import DraftTree
+from models.verification import verify_sampling
+
+V = 5  # vocabulary: 5^3 = 125 joint outcomes
+N = 20_000  # samples per variant
+HORIZON = 3  # tokens whose joint distribution is compared
+P_MIN = 1e-3
+
+
+class Table:
+    """Logits as a deterministic function of the context; the draft is a perturbed target."""
+
+    def __init__(self, seed: int, noise: float):
+        self.seed, self.noise, self.cache = seed, noise, {}
+
+    def __call__(self, context: tuple[int, ...]) -> torch.Tensor:
+        if context not in self.cache:
+            g = torch.Generator().manual_seed(hash((self.seed,) + context) % (2**31))
+            target = 1.5 * torch.randn(V, generator=g)
+            draft = target + self.noise * torch.randn(V, generator=g)
+            self.cache[context] = torch.stack([target, draft])  # [2, V]
+        return self.cache[context]
+
+
+class TableDrafter(Drafter):
+    def __init__(self, table: Table):
+        self.table, self.context = table, ()
+
+    def prefill(self, input_ids, target_hidden=None):
+        self.context = tuple(input_ids[0].tolist())
+
+    def propose(self, tree: DraftTree, nodes):
+        return torch.stack([self.table(self.context + tuple(tree.tokens[tree.path_to(n)].tolist()))[1] for n in nodes])
+
+    def commit(self, tree, path, target_hidden=None):
+        self.context += tuple(tree.tokens[path].tolist())
+
+
+def speculative_sample(table, search, to_probs, prompt, root, generator) -> tuple[int, ...]:
+    """The decoder's loop (steps 1, 4, 5) without KV caches: the first HORIZON tokens after root."""
+    drafter = TableDrafter(table)
+    drafter.prefill(torch.tensor([prompt]))
+    out = []
+    while len(out) < HORIZON:
+        tree = search.grow(drafter, root, search.shape.max_depth, generator)
+        logits = torch.stack([table(drafter.context + tuple(tree.tokens[tree.path_to(i)].tolist()))[0]
+                              for i in range(len(tree))])
+        path, nxt = verify_sampling(tree, logits, to_probs, search.child_draw, generator)
+        drafter.commit(tree, path)
+        out += tree.tokens[path[1:]].tolist() + [nxt]
+        root = nxt
+    return tuple(out[:HORIZON])
+
+
+def exact_distribution(table, to_probs, context) -> dict:
+    probs = {}
+    for seq in itertools.product(range(V), repeat=HORIZON):
+        p = 1.0
+        for i in range(HORIZON):
+            p *= float(to_probs(table(context + seq[:i])[0])[seq[i]])
+        probs[seq] = p
+    return probs
+
+
+def tv_bound(probs: dict, n: int) -> float:
+    expected = 0.5 * sum(math.sqrt(p * (1 - p) / n) for p in probs.values())
+    return expected + math.sqrt(math.log(1 / P_MIN) / (2 * n))
+
+
+def goodness_of_fit(samples: list, probs: dict) -> tuple[float, float, float]:
+    """(chi-square p-value, total variation, TV bound)."""
+    n = len(samples)
+    counts = dict.fromkeys(probs, 0)
+    for s in samples:
+        counts[s] += 1
+    impossible = sum(counts[k] for k in probs if probs[k] == 0)
+    if impossible:  # a token the target can never emit (top-k / top-p): loss, no statistics needed
+        return 0.0, 1.0, tv_bound(probs, n)
+    big = [k for k in probs if probs[k] * n >= 5]
+    small = [k for k in probs if 0 < probs[k] * n < 5]
+    obs = [counts[k] for k in big] + ([sum(counts[k] for k in small)] if small else [])
+    exp = [probs[k] * n for k in big] + ([sum(probs[k] for k in small) * n] if small else [])
+    scale = sum(obs) / sum(exp)  # guard against float rounding of the total
+    pvalue = chisquare(obs, [e * scale for e in exp]).pvalue
+    tv = 0.5 * sum(abs(counts[k] / n - probs[k]) for k in probs)
+    return float(pvalue), tv, tv_bound(probs, n)
+
+
+def memoized(to_probs):
+    """The same processing, cached per logits row (the table repeats contexts; keeps the test fast)."""
+    cache = {}
+
+    def row(logits):
+        key = logits.numpy().tobytes()
+        if key not in cache:
+            cache[key] = to_probs(logits)
+        return cache[key]
+
+    return lambda logits: row(logits) if logits.dim() == 1 else torch.stack([row(r) for r in logits])
+
+
+VARIANTS = {
+    # name: (mode, depth, width, branching, max_nodes, child_draw, temperature, top_k, top_p)
+    "chain": ("static", 3, 1, [1, 1, 1], 3, "iid", 1.0, 0, 1.0),
+    "static-topk": ("static", 2, 2, [2, 2], 6, "topk", 1.0, 0, 1.0),
+    "static-iid": ("static", 2, 2, [2, 2], 6, "iid", 0.8, 0, 1.0),
+    "static-without_replacement": ("static", 2, 3, [3, 2], 9, "without_replacement", 1.0, 4, 1.0),
+    "dynamic-topk": ("dynamic", 3, 2, [2, 2, 2], 5, "topk", 1.0, 0, 0.9),
+    "dynamic-iid": ("dynamic", 3, 2, [2, 2, 2], 5, "iid", 1.0, 0, 1.0),
+    "dynamic-without_replacement": ("dynamic", 3, 2, [2, 2, 2], 6, "without_replacement", 0.7, 0, 0.95),
+}
+
+
+def run_variant(name: str, n: int = N, seed: int = 0):
+    mode, depth, width, branching, max_nodes, draw, temperature, top_k, top_p = VARIANTS[name]
+    table = Table(seed=11, noise=1.5)
+    to_probs = memoized(lambda logits: logits_to_probs(logits, temperature, top_k, top_p))
+    search = DraftTreeSearch(TreeShape(mode, depth, width, max_nodes, branching), to_probs, draw)
+    prompt, root = [3, 1, 4], 2
+    generator = torch.Generator().manual_seed(seed)
+    samples = [speculative_sample(table, search, to_probs, prompt, root, generator) for _ in range(n)]
+    return samples, exact_distribution(table, to_probs, tuple(prompt) + (root,))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_sampling_is_lossless(name):
+    samples, probs = run_variant(name)
+    pvalue, tv, bound = goodness_of_fit(samples, probs)
+    assert pvalue > P_MIN and tv < bound, f"{name}: chi2 p={pvalue:.2e} TV={tv:.4f} bound={bound:.4f}"
+
+
+@pytest.mark.parametrize("name", ["chain", "dynamic-without_replacement"])
+def test_negative_control_has_power(name, monkeypatch):
+    """Skipping the residual update after a rejection is biased; the test must catch it."""
+    monkeypatch.setattr(verification, "_renormalize", lambda residual, fallback: fallback)
+    samples, probs = run_variant(name)
+    pvalue, tv, bound = goodness_of_fit(samples, probs)
+    assert pvalue < P_MIN, f"negative control passed: chi2 p={pvalue:.2e} TV={tv:.4f} bound={bound:.4f}"
+
+
+def test_decoder_sampling_end_to_end(default_config):
+    """The full decoder (caches, prefill sample, generator plumbing) on a real tiny model."""
+    from speculative_decoder import SpeculativeDecoder
+
+    target = tiny_model("llama", vocab=6)
+    target.generation_config.eos_token_id = None
+    with torch.no_grad():
+        target.get_output_embeddings().weight.mul_(0.15)  # undo part of the sharpening: spread-out p
+    draft = tiny_model("llama", vocab=6, seed=3)
+    config = dataclasses.replace(
+        default_config,
+        decoding=dataclasses.replace(default_config.decoding, method="tree", do_sample=True, temperature=1.0),
+        tree_search=dataclasses.replace(default_config.tree_search, mode="dynamic", max_depth=2, max_candidates=2,
+                                        max_nodes=4, child_draw="without_replacement"))
+    decoder = SpeculativeDecoder.from_models(target, draft, None, config)
+    prompt = torch.tensor([[2, 3]])
+    n = 3000
+    samples = [tuple(decoder.generate(prompt, max_new_tokens=2, seed=s)[0][0, 2:].tolist()) for s in range(n)]
+    with torch.no_grad():
+        p1 = torch.softmax(target(prompt).logits[0, -1], -1)
+        probs = {}
+        for a in range(6):
+            p2 = torch.softmax(target(torch.tensor([[2, 3, a]])).logits[0, -1], -1)
+            for b in range(6):
+                probs[(a, b)] = float(p1[a] * p2[b])
+    pvalue, tv, bound = goodness_of_fit(samples, probs)
+    assert pvalue > P_MIN and tv < bound, f"chi2 p={pvalue:.2e} TV={tv:.4f} bound={bound:.4f}"
+
+
+def test_sampling_is_reproducible_and_greedy_at_temperature_zero(default_config):
+    from speculative_decoder import SpeculativeDecoder
+
+    target = tiny_model("llama")
+    target.generation_config.eos_token_id = None
+    config = dataclasses.replace(default_config, decoding=dataclasses.replace(
+        default_config.decoding, method="tree", do_sample=True, temperature=1.0))
+    decoder = SpeculativeDecoder.from_models(target, tiny_model("llama", seed=5), None, config)
+    prompt = torch.tensor([[4, 5, 6]])
+    state = torch.random.get_rng_state()
+    a, _ = decoder.generate(prompt, max_new_tokens=20, seed=123)
+    b, _ = decoder.generate(prompt, max_new_tokens=20, seed=123)
+    c, _ = decoder.generate(prompt, max_new_tokens=20, seed=124)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(state, torch.random.get_rng_state())  # no global RNG side effects
+    greedy, _ = decoder.generate(prompt, max_new_tokens=20, temperature=0.0)
+    plain, _ = decoder.generate(prompt, max_new_tokens=20, do_sample=False)
+    with torch.no_grad():
+        want = target.generate(prompt, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert greedy.tolist() == plain.tolist() == want.tolist()

@@ -1,0 +1,43 @@
+"""Experiment tracking behind one tiny interface: ``start_run(cfg, job)`` -> ``.log(dict)``, ``.finish()``.
+
+``logger=none`` (default) logs nothing; ``logger=wandb`` logs to Weights & Biases, offline unless
+``logger.mode=online`` (or WANDB_MODE=online) and you are logged in; offline runs can be synced
+later with ``wandb sync``.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class _NoTracker:
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class _WandbTracker:
+    def __init__(self, cfg: DictConfig, job: str):
+        import wandb
+
+        lg = cfg.logger
+        self.run = wandb.init(project=lg.project, entity=lg.entity, mode=lg.mode, job_type=job,
+                              tags=list(lg.tags or []), dir=str(cfg.output_dir),
+                              config=OmegaConf.to_container(cfg, resolve=True))
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def start_run(cfg: DictConfig, job: str):
+    backend = cfg.logger.backend if "logger" in cfg else "none"
+    if backend == "wandb":
+        return _WandbTracker(cfg, job)
+    if backend == "none":
+        return _NoTracker()
+    raise ValueError(f"unknown logger.backend {backend!r}: none | wandb")
