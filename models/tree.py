@@ -33,6 +33,7 @@ class DraftTree:
     logprobs: torch.Tensor  # [N] float32
     draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)
     origin: torch.Tensor | None = None
+    _anc: torch.Tensor | None = field(default=None, repr=False, compare=False)  # ancestor_matrix cache
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -49,6 +50,10 @@ class DraftTree:
         """Append children (``parents[j]`` must already be nodes); returns their new indices [M]."""
         start = len(self)
         parents = parents.to(self.parents.device, torch.long)
+        if self._anc is not None and self._anc.shape[0] == start:  # extend the cached ancestor matrix
+            m = len(parents)
+            rows = torch.cat([self._anc[parents], torch.eye(m, dtype=torch.bool, device=parents.device)], dim=1)
+            self._anc = torch.cat([torch.nn.functional.pad(self._anc, (0, m)), rows], dim=0)
         self.tokens = torch.cat([self.tokens, tokens.to(self.tokens.device, torch.long)])
         self.parents = torch.cat([self.parents, parents])
         self.depth = torch.cat([self.depth, self.depth[parents] + 1])
@@ -97,10 +102,13 @@ class DraftTree:
     def ancestor_matrix(self) -> torch.Tensor:
         """anc[i, j] = True iff j is an ancestor of i or j == i. [N, N] bool."""
         n = len(self)
+        if self._anc is not None and self._anc.shape[0] == n:
+            return self._anc
         anc = torch.eye(n, dtype=torch.bool, device=self.tokens.device)
         parents = self.parents.tolist()
         for i in range(1, n):  # topological order: the parent's row is final
             anc[i] |= anc[parents[i]]
+        self._anc = anc
         return anc
 
     # ------------------------------------------------------------------ tree attention
