@@ -147,3 +147,28 @@ def _convert_target(out: Path, gguf: Path) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def ensure_demo_draft(cache_dir: str | os.PathLike | None, draft_cfg, data_dir: str | os.PathLike,
+                      force: bool = False) -> Path:
+    """Return the directory of the demo draft (configs/draft/<name>.yaml), making it if needed.
+
+    The quick recipe takes a few minutes on 2 CPU cores (training/draft_distill.py). A cached
+    draft whose recorded recipe differs from ``draft_cfg`` is rebuilt, so overriding a
+    hyperparameter never silently returns a draft made with other settings.
+    """
+    from training.draft_distill import build_quick_draft, recipe_dict
+
+    recipe = recipe_dict(draft_cfg)
+    out = cache_root(cache_dir) / f"smollm2-135m-draft-{recipe['tag']}"
+    if is_complete(out) and not force:
+        recorded = json.loads((out / MARKER).read_text()).get("recipe")
+        if recorded == recipe:
+            return out
+        log.warning("cached draft %s was made with another recipe; rebuilding it", out)
+    target = ensure_demo_target(cache_dir)
+    with FileLock(str(out) + ".lock"):  # two processes asking at once build it once
+        if is_complete(out) and not force and json.loads((out / MARKER).read_text()).get("recipe") == recipe:
+            return out
+        log.info("making the demo draft in %s (once, a few minutes on CPU)", out)
+        return build_quick_draft(target, out, recipe, data_dir)

@@ -1,0 +1,41 @@
+"""Make (or find) the demo draft: the target's first layers distilled to it, cached on disk.
+
+    python scripts/make_draft.py                    # reuse the cached draft when it is complete
+    python scripts/make_draft.py force=true         # rebuild it
+    python scripts/make_draft.py draft.steps=200 draft.tag=longer   # another recipe, another dir
+
+The recipe lives in configs/draft/quick.yaml; the draft goes to
+$TREESPEC_CACHE (default ~/.cache/treespec)/smollm2-135m-draft-<draft.tag>.
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from training.demo_pair import MARKER, ensure_demo_draft  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("training").setLevel(logging.INFO)
+    data_dir = Path(cfg.data_dir)
+    if not data_dir.is_absolute():  # relative paths are taken from the repo root (config.yaml)
+        data_dir = (ROOT / data_dir).resolve()
+    out = ensure_demo_draft(cfg.model.cache_dir, cfg.draft, data_dir,
+                            force=bool(cfg.get("force", False)))
+    meta = json.loads((out / MARKER).read_text())
+    print(f"draft: {out}")
+    for key in ("agreement_before", "agreement_after", "seconds", "train_seconds", "train_tokens",
+                "kl_first", "kl_last"):
+        print(f"  {key}: {meta.get(key)}")
+
+
+if __name__ == "__main__":
+    main()
