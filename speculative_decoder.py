@@ -217,7 +217,7 @@ class SpeculativeDecoder:
             depth = min(search.shape.max_depth, limit - stats.new_tokens - 1) if search is not None else 0
             if depth > 0:
                 tree = search.grow(self.drafter, root, depth, generator)
-                stats.draft_forwards += depth
+                stats.draft_forwards += search.levels_run
             else:
                 tree = DraftTree.from_root(root)
             timer.lap("draft")

@@ -42,6 +42,7 @@ class DraftTreeSearch:
         self.shape = shape
         self.to_probs = to_probs
         self.child_draw = child_draw if to_probs is not None else "topk"
+        self.levels_run = 0  # draft forwards of the last grow()
 
     @property
     def random_draws(self) -> bool:
@@ -54,6 +55,7 @@ class DraftTreeSearch:
         frontier = [0]
         path_lp = torch.zeros(1)  # [N] cumulative draft log-prob, kept in step with the tree
         budget = shape.max_nodes
+        self.levels_run = 0
         for d in range(depth):
             width = shape.branching[d] if shape.mode == "static" else shape.max_candidates
             if shape.mode == "dynamic" and self.random_draws:
@@ -61,6 +63,7 @@ class DraftTreeSearch:
                 if not frontier:
                     break
             logits = drafter.propose(tree, frontier).float()  # [F, V]
+            self.levels_run += 1
             parents, tokens, logq = self._draw(tree, frontier, logits, width, generator)
             new = tree.add_children(parents, tokens, logq)
             path_lp = torch.cat([path_lp, path_lp[parents] + logq])
