@@ -93,6 +93,10 @@ class _Timer:
         self.stats.time_s[phase] += now - self.t
         self.t = now
 
+    def pause_until_resumed(self) -> None:
+        """Call after a ``yield``: the consumer's time (e.g. detokenizing a stream) is not ours."""
+        self.t = time.perf_counter()
+
 
 class SpeculativeDecoder:
     def __init__(self, config: SpeculativeDecodingConfig | None = None):
@@ -212,6 +216,7 @@ class SpeculativeDecoder:
         stats.target_forwards, stats.new_tokens = 1, 1
         timer.lap("prefill")
         yield first, stats
+        timer.pause_until_resumed()
         while not stats.stop_reason:
             # 1. Draft a tree under the root; never deeper than what may still be emitted.
             depth = min(search.shape.max_depth, limit - stats.new_tokens - 1) if search is not None else 0
@@ -241,6 +246,7 @@ class SpeculativeDecoder:
             root = nxt
             timer.lap("other")
             yield emitted, stats
+            timer.pause_until_resumed()
 
     def _target_tree_forward(self, tree: DraftTree, prefix: int, cache) -> torch.Tensor:
         ids = tree.tokens.unsqueeze(0).to(self.device)  # [1, N]
