@@ -28,7 +28,6 @@ def pair():
 
 @pytest.mark.parametrize("method, mode", [("chain", "static"), ("tree", "static"), ("tree", "dynamic")])
 def test_demo_pair_greedy_is_lossless(pair, method, mode, default_config):
-    torch.set_num_threads(2)
     target, draft, tokenizer = pair
     static = dict(max_depth=3, branching=[3, 2, 1], max_nodes=16)
     config = dataclasses.replace(
