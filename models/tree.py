@@ -85,6 +85,13 @@ class DraftTree:
         """Children of ``node`` in draft order (the order they were drawn)."""
         return (self.parents == node).nonzero().flatten().tolist()
 
+    def children_lists(self) -> dict[int, list[int]]:
+        """{node: its children in draft order} for every node that has children."""
+        children: dict[int, list[int]] = {}
+        for i, p in enumerate(self.parents.tolist()[1:], start=1):
+            children.setdefault(p, []).append(i)
+        return children
+
     def path_to(self, node: int) -> list[int]:
         """Node indices root -> ``node`` inclusive."""
         path, parents = [], self.parents.tolist()

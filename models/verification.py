@@ -26,10 +26,7 @@ def verify_greedy(tree: DraftTree, target_logits: torch.Tensor) -> tuple[list[in
     target_logits: [N, V], row i = target logits after the path root -> node i.
     """
     argmax = target_logits.argmax(-1).tolist()  # [N]
-    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
-    children: dict[int, list[int]] = {}
-    for i in range(1, len(tokens)):
-        children.setdefault(parents[i], []).append(i)
+    tokens, children = tree.tokens.tolist(), tree.children_lists()
     path, node = [0], 0
     while True:
         nxt = next((c for c in children.get(node, ()) if tokens[c] == argmax[node]), None)
@@ -56,10 +53,7 @@ def verify_sampling(
     p <- normalize(p). If no child is accepted, the emitted token is drawn from the residual p; at a
     leaf it is drawn from p (the bonus).
     """
-    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
-    children: dict[int, list[int]] = {}
-    for i in range(1, len(tokens)):
-        children.setdefault(parents[i], []).append(i)
+    tokens, children = tree.tokens.tolist(), tree.children_lists()
     path, node = [0], 0
     while True:
         p = to_probs(target_logits[node])  # [V]
