@@ -333,14 +333,14 @@ def resolve_model_path(name: str, cache_dir: str | None = None, data_dir: str | 
     """
     from omegaconf import OmegaConf
 
-    from models.config import CONFIG_DIR
+    from models.config import CONFIG_DIR, default_config
     from training import demo_pair
 
     if name == demo_pair.DEMO_TARGET:
         return demo_pair.ensure_demo_target(cache_dir)
     if name == demo_pair.DEMO_DRAFT:
         recipe = OmegaConf.load(CONFIG_DIR / "draft" / "quick.yaml")
-        return demo_pair.ensure_demo_draft(cache_dir, recipe, data_dir or "../shared/data")
+        return demo_pair.ensure_demo_draft(cache_dir, recipe, data_dir or default_config().data_dir)
     path = Path(name).expanduser()
     if not path.exists():
         hint = (" It looks like a hub id; model hubs are not reachable here, so download the model elsewhere "

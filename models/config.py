@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from models.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+REPO_ROOT = CONFIG_DIR.parent
 METHODS = ("target_only", "chain", "tree")
 TREE_MODES = ("static", "dynamic")
 CHILD_DRAWS = ("topk", "iid", "without_replacement")
@@ -150,6 +151,12 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
         raise ConfigError(f"bad config override: {e}") from None
     finally:
         gh.hydra = running
+
+
+def repo_path(path: str | Path) -> Path:
+    """Config paths (``data_dir``, ``output_dir``) are relative to the repo root, whatever the cwd."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else (REPO_ROOT / path).resolve()
 
 
 @lru_cache(maxsize=1)

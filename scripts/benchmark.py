@@ -18,6 +18,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from models.config import repo_path  # noqa: E402
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig  # noqa: E402
 from training.benchmark import format_table, load_prompts, run_benchmark  # noqa: E402
 from training.tracking import start_run  # noqa: E402
@@ -27,7 +28,7 @@ def run(cfg: DictConfig) -> dict:
     b = cfg.benchmark
     config = SpeculativeDecodingConfig.from_hydra(cfg)
     decoder = SpeculativeDecoder(config)
-    prompts = load_prompts(Path(cfg.data_dir) / b.prompt_file, b.num_prompts + b.warmup_prompts,
+    prompts = load_prompts(repo_path(cfg.data_dir) / b.prompt_file, b.num_prompts + b.warmup_prompts,
                            list(b.categories) if b.categories else None)
     temperatures = list(b.temperatures) if b.get("temperatures") else [0.0 if config.decoding.greedy else config.decoding.temperature]
     result = dict(config=OmegaConf.to_container(cfg, resolve=True), device=str(decoder.device),
@@ -43,7 +44,7 @@ def run(cfg: DictConfig) -> dict:
         print(format_table(out["rows"]), flush=True)
         tracker.log({f"T{temperature}/{m}/{k}": v for m, r in out["rows"].items() for k, v in r.items()
                      if isinstance(v, (int, float))})
-    path = Path(cfg.output_dir) / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = repo_path(cfg.output_dir) / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {path}")

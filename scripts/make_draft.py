@@ -13,8 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -25,10 +24,7 @@ from training.demo_pair import MARKER, ensure_demo_draft  # noqa: E402
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("training").setLevel(logging.INFO)
-    data_dir = Path(cfg.data_dir)
-    if not data_dir.is_absolute():  # relative paths are taken from the repo root (config.yaml)
-        data_dir = (ROOT / data_dir).resolve()
-    out = ensure_demo_draft(cfg.model.cache_dir, cfg.draft, data_dir,
+    out = ensure_demo_draft(cfg.model.cache_dir, cfg.draft, cfg.data_dir,
                             force=bool(cfg.get("force", False)))
     meta = json.loads((out / MARKER).read_text())
     print(f"draft: {out}")

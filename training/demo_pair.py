@@ -157,18 +157,23 @@ def ensure_demo_draft(cache_dir: str | os.PathLike | None, draft_cfg, data_dir: 
     draft whose recorded recipe differs from ``draft_cfg`` is rebuilt, so overriding a
     hyperparameter never silently returns a draft made with other settings.
     """
+    from models.config import repo_path
     from training.draft_distill import build_quick_draft, recipe_dict
 
     recipe = recipe_dict(draft_cfg)
     out = cache_root(cache_dir) / f"smollm2-135m-draft-{recipe['tag']}"
-    if is_complete(out) and not force:
-        recorded = json.loads((out / MARKER).read_text()).get("recipe")
-        if recorded == recipe:
-            return out
-        log.warning("cached draft %s was made with another recipe; rebuilding it", out)
+    if not force and _draft_is_current(out, recipe):
+        return out
     target = ensure_demo_target(cache_dir)
     with FileLock(str(out) + ".lock"):  # two processes asking at once build it once
-        if is_complete(out) and not force and json.loads((out / MARKER).read_text()).get("recipe") == recipe:
+        if not force and _draft_is_current(out, recipe):
             return out
+        if is_complete(out):
+            log.warning("rebuilding the cached draft %s (forced, or made with another recipe)", out)
         log.info("making the demo draft in %s (once, a few minutes on CPU)", out)
-        return build_quick_draft(target, out, recipe, data_dir)
+        return build_quick_draft(target, out, recipe, repo_path(data_dir))
+
+
+def _draft_is_current(out: Path, recipe: dict) -> bool:
+    """A finished draft made with exactly ``recipe``."""
+    return is_complete(out) and json.loads((out / MARKER).read_text()).get("recipe") == recipe

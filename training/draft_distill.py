@@ -209,7 +209,7 @@ def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch
     return _KLFromLogProbs.apply(student_logits, teacher_logp)
 
 
-def distill(student, teacher, batches, cfg, progress: bool = True, on_step=None) -> list[float]:
+def distill(student, teacher, batches, cfg, progress: bool = True) -> list[float]:
     """Train the student's decoder layers (and final norm) to match the teacher; returns losses.
 
     Embeddings and lm_head stay frozen (tied in the demo): they already are the target's, and
@@ -246,8 +246,6 @@ def distill(student, teacher, batches, cfg, progress: bool = True, on_step=None)
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(kl=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-        if on_step is not None:  # e.g. periodic evaluation while choosing a recipe
-            on_step(len(losses), student)
     student.eval()
     return losses
 
