@@ -108,7 +108,7 @@ class SpeculativeDecoder:
         target = load_model(target_path, m.device, m.dtype, m.attn_implementation)
         draft = None
         if m.draft_model_name and config.decoding.method != "target_only":
-            draft = load_model(resolve_model_path(m.draft_model_name, m.cache_dir, m.data_dir), m.device, m.dtype, m.attn_implementation)
+            draft = load_draft(resolve_model_path(m.draft_model_name, m.cache_dir, m.data_dir), target, m)
         self._setup(target, draft, tokenizer, config)
 
     @classmethod
@@ -205,12 +205,17 @@ class SpeculativeDecoder:
 
         # 0. Prefill: the target's last logits give the first token (the first root).
         cache = new_cache(self.target_model)
+        # A feature-conditioned draft (EAGLE style) reads the target's final hidden states.
+        want_hidden = search is not None and getattr(self.drafter, "needs_target_hidden", False)
         with torch.no_grad():
-            logits = self.target_model(input_ids=input_ids.to(self.device), past_key_values=cache,
-                                       use_cache=True, logits_to_keep=1).logits[0, -1]  # [V]
+            out = self.target_model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True,
+                                    logits_to_keep=1, output_hidden_states=want_hidden)
+        logits = out.logits[0, -1]  # [V]
         root = int(logits.argmax()) if to_probs is None else int(torch.multinomial(to_probs(logits), 1, generator=generator))
         if search is not None:
-            self.drafter.prefill(input_ids.to(self.device))
+            hidden = out.hidden_states[-1][0] if want_hidden else None  # [T, H]
+            self.drafter.prefill(input_ids.to(self.device), target_hidden=hidden)
+        del out
         at_limit = "max_new_tokens" if max_new <= self.context_limit - input_ids.shape[1] else "context"
         first, stats.stop_reason = self._truncate([root], 0, limit, at_limit)
         stats.target_forwards, stats.new_tokens = 1, 1
@@ -228,7 +233,7 @@ class SpeculativeDecoder:
             timer.lap("draft")
             # 4. Verify: one target forward over root + nodes.
             prefix = cache_length(cache)
-            logits = self._target_tree_forward(tree, prefix, cache)  # [N, V]
+            logits, hidden = self._target_tree_forward(tree, prefix, cache, want_hidden)  # [N, V], [N, H]
             if to_probs is None:
                 path, nxt = verify_greedy(tree, logits)
             else:
@@ -237,7 +242,7 @@ class SpeculativeDecoder:
             # 5. Commit: both caches keep prefix + accepted path; nxt is the next root.
             keep_tokens(cache, prefix, path)
             if search is not None:
-                self.drafter.commit(tree, path)
+                self.drafter.commit(tree, path, target_hidden=hidden[path] if want_hidden else None)
             timer.lap("commit")
             emitted = tree.tokens[path[1:]].tolist() + [nxt]
             # 6. Stop conditions (truncate after EOS or at the limit), then record.
@@ -248,15 +253,15 @@ class SpeculativeDecoder:
             yield emitted, stats
             timer.pause_until_resumed()
 
-    def _target_tree_forward(self, tree: DraftTree, prefix: int, cache) -> torch.Tensor:
+    def _target_tree_forward(self, tree: DraftTree, prefix: int, cache, want_hidden: bool = False):
         ids = tree.tokens.unsqueeze(0).to(self.device)  # [1, N]
         pos = tree.position_ids(prefix).to(self.device)  # [1, N]
         chain = bool((tree.parents[1:] == torch.arange(len(tree) - 1)).all())
         mask = None if chain else tree.attention_mask(prefix, self.target_model.dtype).to(self.device)
         with torch.no_grad():
             out = self.target_model(input_ids=ids, position_ids=pos, attention_mask=mask,
-                                    past_key_values=cache, use_cache=True)
-        return out.logits[0]  # [N, V]
+                                    past_key_values=cache, use_cache=True, output_hidden_states=want_hidden)
+        return out.logits[0], (out.hidden_states[-1][0] if want_hidden else None)  # [N, V], [N, H]
 
     def _truncate(self, emitted: list[int], produced: int, limit: int, at_limit: str) -> tuple[list[int], str]:
         """Cut ``emitted`` after the first EOS or where ``produced + kept`` reaches ``limit``.
@@ -346,8 +351,9 @@ def resolve_model_path(name: str, cache_dir: str | None = None, data_dir: str | 
         hint = (" It looks like a hub id; model hubs are not reachable here, so download the model elsewhere "
                 "and pass its local directory." if "/" in name and not name.startswith((".", "/", "~")) else "")
         raise ModelLoadError(f"model path does not exist: {name!r}.{hint}")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")
+    if not (path / "config.json").is_file() and not (path / "eagle_head.json").is_file():
+        raise ModelLoadError(f"{path} is neither a Hugging Face model directory (no config.json) nor an "
+                             "EAGLE draft (no eagle_head.json)")
     return path
 
 
@@ -360,6 +366,15 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32", at
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from None
     return model.to(device).eval()
+
+
+def load_draft(path: Path, target, m) -> "torch.nn.Module | Drafter":
+    """An EAGLE-style head (a directory with eagle_head.json) as a Drafter, else an HF causal LM."""
+    from models.eagle import EagleDrafter, is_eagle_draft, load_eagle_draft
+
+    if is_eagle_draft(path):
+        return EagleDrafter(load_eagle_draft(path, target))
+    return load_model(path, m.device, m.dtype, m.attn_implementation)
 
 
 def load_tokenizer(path: str | Path):

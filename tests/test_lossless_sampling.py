@@ -164,15 +164,27 @@ def test_negative_control_has_power(name, monkeypatch):
     assert pvalue < P_MIN, f"negative control passed: chi2 p={pvalue:.2e} TV={tv:.4f} bound={bound:.4f}"
 
 
-def test_decoder_sampling_end_to_end(default_config):
-    """The full decoder (caches, prefill sample, generator plumbing) on a real tiny model."""
+@pytest.mark.parametrize("draft_kind", ["hf", "eagle_reduced_vocab"])
+def test_decoder_sampling_end_to_end(draft_kind, default_config):
+    """The full decoder (caches, prefill sample, generator plumbing, target hidden states for an EAGLE
+    head whose reduced vocabulary leaves q = 0 on some tokens) on a real tiny model.
+
+    Three new tokens: the first comes from the prefill, the next step drafts one level under it, so
+    (token 2, token 3) is drafted-then-verified output; its exact law is enumerated from the target."""
+    from models.eagle import EagleConfig, EagleDrafter, EagleHead
     from speculative_decoder import SpeculativeDecoder
 
     target = tiny_model("llama", vocab=6)
     target.generation_config.eos_token_id = None
     with torch.no_grad():
         target.get_output_embeddings().weight.mul_(0.15)  # undo part of the sharpening: spread-out p
-    draft = tiny_model("llama", vocab=6, seed=3)
+    if draft_kind == "hf":
+        draft = tiny_model("llama", vocab=6, seed=3)
+    else:
+        torch.manual_seed(3)
+        head = EagleHead(EagleConfig.from_target(target, [0, 2, 3, 5]), target.get_input_embeddings().weight,
+                         target.get_output_embeddings().weight)
+        draft = EagleDrafter(head.eval())
     config = dataclasses.replace(
         default_config,
         decoding=dataclasses.replace(default_config.decoding, method="tree", do_sample=True, temperature=1.0),
@@ -181,14 +193,20 @@ def test_decoder_sampling_end_to_end(default_config):
     decoder = SpeculativeDecoder.from_models(target, draft, None, config)
     prompt = torch.tensor([[2, 3]])
     n = 3000
-    samples = [tuple(decoder.generate(prompt, max_new_tokens=2, seed=s)[0][0, 2:].tolist()) for s in range(n)]
+    samples = []
+    for s in range(n):
+        out, stats = decoder.generate(prompt, max_new_tokens=3, seed=s)
+        samples.append(tuple(out[0, 3:].tolist()))
+        assert stats.drafted_tokens > 0
     with torch.no_grad():
         p1 = torch.softmax(target(prompt).logits[0, -1], -1)
-        probs = {}
+        probs = {(b, c): 0.0 for b in range(6) for c in range(6)}
         for a in range(6):
             p2 = torch.softmax(target(torch.tensor([[2, 3, a]])).logits[0, -1], -1)
             for b in range(6):
-                probs[(a, b)] = float(p1[a] * p2[b])
+                p3 = torch.softmax(target(torch.tensor([[2, 3, a, b]])).logits[0, -1], -1)
+                for c in range(6):
+                    probs[(b, c)] += float(p1[a] * p2[b] * p3[c])
     pvalue, tv, bound = goodness_of_fit(samples, probs)
     assert pvalue > P_MIN and tv < bound, f"chi2 p={pvalue:.2e} TV={tv:.4f} bound={bound:.4f}"
 

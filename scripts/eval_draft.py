@@ -1,0 +1,96 @@
+"""Evaluate a draft on Spec-Bench: agreement with the target's greedy text, per-position agreement in a
+drafted chain, latency relative to the target, and tau / tokens/s of chain and tree decoding.
+
+    python scripts/eval_draft.py                                        # the default demo draft
+    python scripts/eval_draft.py model.draft_model_name=~/.cache/treespec/smollm2-135m-draft-quick
+    python scripts/eval_draft.py eval_draft.num_prompts=16 eval_draft.speed_prompts=0   # quicker
+
+The target's greedy continuations of the prompts are written once (fp32 target) and cached in
+$TREESPEC_CACHE/evalset-<hash>/. Prints a table and writes ${output_dir}/eval_draft-<time>.json.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from models.config import repo_path  # noqa: E402
+from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig  # noqa: E402
+from training import teacher_data  # noqa: E402
+from training.benchmark import format_table, load_prompts, run_benchmark  # noqa: E402
+from training.demo_pair import cache_root  # noqa: E402
+from training.eval_draft import chain_agreement, latency  # noqa: E402
+from training.tracking import start_run  # noqa: E402
+from training.train_draft import ensure_teacher  # noqa: E402
+
+
+def run(cfg: DictConfig) -> dict:
+    e = cfg.eval_draft
+    config = SpeculativeDecodingConfig.from_hydra(cfg)
+    decoder = SpeculativeDecoder(config)
+    target, drafter = decoder.target_model, decoder.drafter
+    if drafter is None:
+        raise SystemExit("no draft to evaluate: set model.draft_model_name")
+    from speculative_decoder import resolve_model_path
+
+    m = config.model
+    target_dir = resolve_model_path(m.target_model_name, m.cache_dir, m.data_dir)
+    tcfg = OmegaConf.create(dict(files=[e.prompt_file], num_prompts=e.num_prompts, shard_prompts=e.num_prompts,
+                                 batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                                 max_prompt_tokens=e.max_prompt_tokens, top_k=4, dtype="float32", seed=e.seed))
+    shards = ensure_teacher(target_dir, m.target_model_name, tcfg, repo_path(cfg.data_dir), cache_root(m.cache_dir),
+                            m.device, prefix="evalset", forbid=())
+    data = teacher_data.load_shards(shards)
+    t0 = time.time()
+    agree = chain_agreement(drafter, data, e.chain_depth, decoder.device)
+    print(f"agreement on {agree['positions']} positions of {len(data['prompt_lens'])} target continuations "
+          f"({time.time() - t0:.0f} s)", flush=True)
+    lat = latency(target, drafter, e.latency_context, e.latency_repeats,
+                  target.get_output_embeddings().weight.shape[0], e.seed)
+    result = dict(config=OmegaConf.to_container(cfg, resolve=True), draft=m.draft_model_name,
+                  threads=torch.get_num_threads(), agreement=agree, latency=lat)
+    print(format_eval(agree, lat))
+    if e.speed_prompts > 0:
+        prompts = load_prompts(repo_path(cfg.data_dir) / e.prompt_file, e.speed_prompts + 1)
+        speed = run_benchmark(decoder, prompts, ["target_only", "chain", "tree"], e.speed_max_new_tokens,
+                              e.max_prompt_tokens, 1, dict(do_sample=False))
+        result["speed"] = speed
+        print(format_table(speed["rows"]))
+    tracker = start_run(cfg, job="eval_draft")
+    tracker.log({"top1": agree["top1"], "top4": agree["top4"], "draft_over_target": lat["draft_over_target"]})
+    tracker.finish()
+    path = repo_path(cfg.output_dir) / f"eval_draft-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {path}")
+    return result
+
+
+def format_eval(agree: dict, lat: dict) -> str:
+    lines = ["metric | value", "--- | ---",
+             f"top-1 agreement (first drafted token) | {agree['top1']:.3f}",
+             f"top-4 agreement | {agree['top4']:.3f}",
+             "chain: P(token k right given 1..k-1 right), k=1.. | "
+             + " ".join(f"{v:.3f}" for v in agree["chain_conditional"]),
+             "chain: P(tokens 1..k all right) | " + " ".join(f"{v:.3f}" for v in agree["chain_all_right"]),
+             f"chain: expected tokens per target forward | {agree['chain_expected_tokens']:.2f}",
+             f"target forward, 1 token (ms) | {lat['target_ms']:.1f}",
+             f"draft forward, 1 token (ms) | {lat['draft_ms']:.2f}",
+             f"draft forward, 3-node frontier (ms) | {lat['draft_frontier3_ms']:.2f}",
+             f"draft / target latency | {lat['draft_over_target']:.3f}"]
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> float:
+    return run(cfg)["agreement"]["top1"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""How good and how cheap is a draft: agreement with the target on its own greedy text, latency, speed.
+
+All numbers are on evaluation prompts (Spec-Bench by default) that no training recipe may read:
+  agreement       top-1 / top-4 of the first drafted token against the target's greedy next token, at
+                  every position of the target's greedy continuations (written once by the fp32
+                  target, cached as teacher-format shards)
+  per position    a greedy chain of ``chain_depth`` tokens drafted from every position (the draft
+                  feeding itself, exactly as in decoding through the ``Drafter`` interface):
+                  P(token k right | tokens 1..k-1 right) and P(tokens 1..k all right); the sum of
+                  the latter + 1 is the chain's expected tokens per target forward
+  latency         median wall time of one draft forward (1 token, and a 3-node frontier) and of one
+                  target forward (1 token), both after ``latency_context`` cached tokens
+  speed           tau and tokens/s of target-only, chain and tree decoding on a few prompts
+Works for any draft the decoder can use: an EAGLE-style head or an HF causal LM.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from models.drafter import Drafter
+from models.kv_cache import keep_tokens, new_cache
+from models.tree import DraftTree
+
+
+@torch.no_grad()
+def chain_agreement(drafter: Drafter, data: dict, depth: int, device) -> dict:
+    """Agreement of drafted chains with the target's greedy continuations (see module doc)."""
+    needs_hidden = getattr(drafter, "needs_target_hidden", False)
+    right = [0] * depth  # chains whose first k+1 tokens are all right
+    reach = [0] * depth  # chains that drafted token k+1 (tokens 1..k right, and the text goes on)
+    avail = [0] * depth  # positions with at least k+1 tokens of text after them
+    top1 = top4 = positions = 0
+    for s in range(len(data["prompt_lens"])):
+        a, b = int(data["offsets"][s]), int(data["offsets"][s + 1])
+        ids = data["input_ids"][a:b].long().to(device)
+        feats = data["hidden"][a:b].float().to(device)
+        p = int(data["prompt_lens"][s])
+        drafter.prefill(ids[:p].unsqueeze(0), target_hidden=feats[:p] if needs_hidden else None)
+        for i in range(p, len(ids) - 1):  # root x_i (already the target's); the draft guesses x_{i+1}..
+            tree = DraftTree.from_root(int(ids[i]))
+            logits = drafter.propose(tree, [0])[0]
+            top = logits.topk(4).indices
+            want = ids[i + 1:i + 1 + depth].tolist()
+            top1 += int(top[0] == want[0])
+            top4 += int(want[0] in top.tolist())
+            positions += 1
+            for k in range(len(want)):
+                avail[k] += 1
+            node, guess = 0, int(top[0])
+            for k in range(len(want)):
+                reach[k] += 1
+                if guess != want[k]:
+                    break
+                right[k] += 1
+                if k + 1 == len(want):
+                    break
+                node = int(tree.add_children(torch.tensor([node]), torch.tensor([guess]), torch.zeros(1))[0])
+                guess = int(drafter.propose(tree, [node])[0].argmax())
+            drafter.commit(tree, [0], target_hidden=feats[i:i + 1] if needs_hidden else None)
+    n = max(positions, 1)
+    cumulative = [r / a if a else 0.0 for r, a in zip(right, avail)]
+    conditional = [r / c if c else 0.0 for r, c in zip(right, reach)]
+    return {"positions": positions, "top1": top1 / n, "top4": top4 / n, "chain_all_right": cumulative,
+            "chain_conditional": conditional, "chain_expected_tokens": 1 + sum(cumulative)}
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+@torch.no_grad()
+def latency(target, drafter: Drafter, context: int, repeats: int, vocab: int, seed: int = 0) -> dict:
+    """Median ms of one target forward (1 token) and draft forwards (1 token; a 3-node frontier)."""
+    device = next(target.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (1, context + 1), generator=g).to(device)
+    needs_hidden = getattr(drafter, "needs_target_hidden", False)
+    cache = new_cache(target)
+    out = target(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, output_hidden_states=needs_hidden)
+    hidden = out.hidden_states[-1][0] if needs_hidden else None
+
+    def target_step():
+        target(input_ids=ids[:, context:], past_key_values=cache, use_cache=True)
+        keep_tokens(cache, context, [])
+
+    target_ms = _median_ms(target_step, repeats)
+    drafter.prefill(ids[:, :context], target_hidden=hidden)
+    root = int(ids[0, context])
+    tree = DraftTree.from_root(root)
+    drafter.propose(tree, [0])  # pending prompt pairs fed once; from here on one pair per root
+    last = hidden[-1:] if needs_hidden else None
+    drafter.commit(tree, [0], target_hidden=last)
+
+    def draft_root():
+        t = DraftTree.from_root(root)
+        drafter.propose(t, [0])
+        drafter.commit(t, [0], target_hidden=last)
+
+    def draft_frontier():
+        t = DraftTree.from_root(root)
+        drafter.propose(t, [0])
+        kids = t.add_children(torch.zeros(3, dtype=torch.long), torch.tensor([5, 6, 7]), torch.zeros(3))
+        drafter.propose(t, kids.tolist())
+        drafter.commit(t, [0], target_hidden=last)
+
+    # Each draft call above also feeds the previous step's root pair (as in decoding); the context
+    # grows by one pair per call, which is negligible next to ``context``.
+    root_ms = _median_ms(draft_root, repeats)
+    both_ms = _median_ms(draft_frontier, repeats)
+    return {"target_ms": target_ms, "draft_ms": root_ms, "draft_frontier3_ms": max(both_ms - root_ms, 0.0),
+            "draft_over_target": root_ms / target_ms}

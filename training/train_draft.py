@@ -1,0 +1,90 @@
+"""The draft-training pipeline behind scripts/train_draft.py: teacher shards -> trained draft.
+
+    teacher   the target's greedy answers + hidden states + top-k, once per teacher recipe, cached in
+              $TREESPEC_CACHE/teacher-<hash of the teacher settings>/ (resumable shards)
+    train     the draft family's trainer, resumable from $TREESPEC_CACHE/runs/<tag>/last.pt
+    output    $TREESPEC_CACHE/smollm2-135m-draft-<tag>/ (or ``out_dir``), usable as model.draft_model_name
+
+Families: ``eagle`` (training/eagle_draft.py: a feature-conditioned head on the target's hidden
+states). The independent small causal LM family is ``configs/draft/quick.yaml`` (training/draft_distill.py,
+scripts/make_draft.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from models.errors import ConfigError
+from training import teacher_data
+from training.demo_pair import cache_root
+from training.draft_distill import EVAL_SETS
+
+log = logging.getLogger(__name__)
+
+
+def teacher_dir(root: Path, target_name: str, tcfg, prefix: str = "teacher") -> Path:
+    """Cache folder of a teacher recipe; ``num_prompts`` is not part of the key (more prompts extend it)."""
+    key = {k: v for k, v in OmegaConf.to_container(tcfg, resolve=True).items() if k != "num_prompts"}
+    digest = hashlib.sha256(json.dumps([target_name, key], sort_keys=True).encode()).hexdigest()[:10]
+    return root / f"{prefix}-{digest}"
+
+
+def load_target(target_dir: Path, dtype: str, device: str = "cpu"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=getattr(torch, dtype), local_files_only=True)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(str(target_dir), local_files_only=True)
+
+
+def ensure_teacher(target_dir: Path, target_name: str, tcfg, data_dir: Path, cache: Path, device: str = "cpu",
+                   files=None, prefix: str = "teacher", forbid=EVAL_SETS, progress: bool = True) -> list[Path]:
+    """All teacher shards of ``tcfg`` (made where missing)."""
+    out = teacher_dir(cache, target_name, tcfg if files is None else OmegaConf.merge(tcfg, {"files": list(files)}), prefix)
+    prompts = teacher_data.read_prompts(data_dir, list(files or tcfg.files), tcfg.seed, forbid=forbid)
+    prompts = prompts[:tcfg.num_prompts]
+    n = (len(prompts) + tcfg.shard_prompts - 1) // tcfg.shard_prompts
+    paths = [teacher_data.shard_path(out, i) for i in range(n)]
+    if all(p.is_file() for p in paths):
+        return paths
+    model, tok = load_target(target_dir, tcfg.dtype, device)
+    log.info("teacher data -> %s (%d prompts, %d shards)", out, len(prompts), n)
+    return teacher_data.build_shards(model, tok, prompts, out, tcfg,
+                                     {"target": target_name, "dtype": tcfg.dtype}, progress=progress)
+
+
+def train_draft(cfg, tracker=None) -> Path:
+    """Run the whole pipeline for ``cfg.draft``; returns the draft directory."""
+    from models.config import repo_path
+    from speculative_decoder import resolve_model_path
+
+    dcfg = cfg.draft
+    if dcfg.get("family") != "eagle":
+        raise ConfigError(f"scripts/train_draft.py trains draft.family=eagle (got {dcfg.get('family')!r}); "
+                          "the small-LM family is made by scripts/make_draft.py draft=quick")
+    cache = cache_root(cfg.model.cache_dir)
+    target_dir = resolve_model_path(cfg.model.target_model_name, cfg.model.cache_dir, cfg.data_dir)
+    t0 = time.time()
+    shards = ensure_teacher(target_dir, cfg.model.target_model_name, dcfg.teacher, repo_path(cfg.data_dir), cache,
+                            cfg.model.device)
+    teacher_s = time.time() - t0
+    data = teacher_data.load_shards(shards)
+    from training.eagle_draft import train_eagle
+
+    target, _ = load_target(target_dir, "float32", cfg.model.device)
+    out = Path(cfg.get("out_dir") or cache / f"smollm2-135m-draft-{dcfg.tag}")
+    summary = train_eagle(target, data, dcfg, cache / "runs" / dcfg.tag, out, tracker)
+    summary.update(teacher_shards=len(shards), teacher_dir=str(shards[0].parent.name),
+                   teacher_answer_tokens=sum(m["answer_tokens"] for m in data["meta"]),
+                   teacher_seconds_this_run=round(teacher_s, 1), target=cfg.model.target_model_name)
+    meta_path = out / "eagle_head.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(summary)
+    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    return out
