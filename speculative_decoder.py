@@ -331,10 +331,13 @@ class SpeculativeDecoder:
 
 # ---------------------------------------------------------------------- loading (free functions)
 def resolve_model_path(name: str, cache_dir: str | None = None, data_dir: str | None = None) -> Path:
-    """A local model directory for ``name``; the demo names are built on first use.
+    """A local model directory for ``name``; the demo names are built (or found) on first use.
 
-    ``demo:draft`` is the draft of the default recipe ``configs/draft/quick.yaml``; drafts of other
-    recipes are made with ``scripts/make_draft.py draft.<key>=...`` and used by their path.
+    ``demo:draft``     the shipped default draft for the demo target: the EAGLE-style head in
+                       models/checkpoints/smollm2-135m-eagle (made by scripts/train_draft.py draft=eagle)
+    ``demo:draft-lm``  an independent small causal LM draft (the target's first layers, distilled;
+                       configs/draft/quick.yaml, built on first use by scripts/make_draft.py); Hugging
+                       Face assisted generation can use it, as it is a plain HF model
     """
     from omegaconf import OmegaConf
 
@@ -344,6 +347,13 @@ def resolve_model_path(name: str, cache_dir: str | None = None, data_dir: str | 
     if name == demo_pair.DEMO_TARGET:
         return demo_pair.ensure_demo_target(cache_dir)
     if name == demo_pair.DEMO_DRAFT:
+        shipped = demo_pair.SHIPPED_DRAFT
+        if not (shipped / "eagle_head.json").is_file():
+            raise ModelLoadError(f"the shipped demo draft {shipped} is missing; remake it with "
+                                 "`python scripts/train_draft.py draft=eagle out_dir=models/checkpoints/smollm2-135m-eagle`"
+                                 " or use model.draft_model_name=demo:draft-lm")
+        return shipped
+    if name == demo_pair.DEMO_DRAFT_LM:
         recipe = OmegaConf.load(CONFIG_DIR / "draft" / "quick.yaml")
         return demo_pair.ensure_demo_draft(cache_dir, recipe, data_dir or default_config().data_dir)
     path = Path(name).expanduser()

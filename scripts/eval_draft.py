@@ -41,29 +41,33 @@ def run(cfg: DictConfig) -> dict:
 
     m = config.model
     target_dir = resolve_model_path(m.target_model_name, m.cache_dir, m.data_dir)
-    tcfg = OmegaConf.create(dict(files=[e.prompt_file], num_prompts=e.num_prompts, shard_prompts=e.num_prompts,
-                                 batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                 max_prompt_tokens=e.max_prompt_tokens, top_k=4, dtype="float32", seed=e.seed))
-    shards = ensure_teacher(target_dir, m.target_model_name, tcfg, repo_path(cfg.data_dir), cache_root(m.cache_dir),
-                            m.device, prefix="evalset", forbid=())
-    data = teacher_data.load_shards(shards)
-    t0 = time.time()
-    agree = chain_agreement(drafter, data, e.chain_depth, decoder.device)
-    print(f"agreement on {agree['positions']} positions of {len(data['prompt_lens'])} target continuations "
-          f"({time.time() - t0:.0f} s)", flush=True)
-    lat = latency(target, drafter, e.latency_context, e.latency_repeats,
-                  target.get_output_embeddings().weight.shape[0], e.seed)
+    parts = set(e.parts)
     result = dict(config=OmegaConf.to_container(cfg, resolve=True), draft=m.draft_model_name,
-                  threads=torch.get_num_threads(), agreement=agree, latency=lat)
-    print(format_eval(agree, lat))
-    if e.speed_prompts > 0:
+                  threads=torch.get_num_threads())
+    if "agreement" in parts:
+        tcfg = OmegaConf.create(dict(files=[e.prompt_file], num_prompts=e.num_prompts, shard_prompts=e.num_prompts,
+                                     batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                                     max_prompt_tokens=e.max_prompt_tokens, top_k=4, dtype="float32", seed=e.seed))
+        shards = ensure_teacher(target_dir, m.target_model_name, tcfg, repo_path(cfg.data_dir),
+                                cache_root(m.cache_dir), m.device, prefix="evalset", forbid=())
+        data = teacher_data.load_shards(shards)
+        t0 = time.time()
+        result["agreement"] = chain_agreement(drafter, data, e.chain_depth, decoder.device)
+        print(f"agreement on {result['agreement']['positions']} positions of {len(data['prompt_lens'])} target "
+              f"continuations ({time.time() - t0:.0f} s)", flush=True)
+    if "latency" in parts:
+        result["latency"] = latency(target, drafter, e.latency_context, e.latency_repeats,
+                                    target.get_output_embeddings().weight.shape[0], e.seed)
+    print(format_eval(result.get("agreement"), result.get("latency")))
+    if "speed" in parts and e.speed_prompts > 0:
         prompts = load_prompts(repo_path(cfg.data_dir) / e.prompt_file, e.speed_prompts + 1)
         speed = run_benchmark(decoder, prompts, ["target_only", "chain", "tree"], e.speed_max_new_tokens,
                               e.max_prompt_tokens, 1, dict(do_sample=False))
         result["speed"] = speed
         print(format_table(speed["rows"]))
     tracker = start_run(cfg, job="eval_draft")
-    tracker.log({"top1": agree["top1"], "top4": agree["top4"], "draft_over_target": lat["draft_over_target"]})
+    tracker.log({f"{part}/{k}": v for part in ("agreement", "latency") for k, v in (result.get(part) or {}).items()
+                 if isinstance(v, (int, float))})
     tracker.finish()
     path = repo_path(cfg.output_dir) / f"eval_draft-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,24 +76,26 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-def format_eval(agree: dict, lat: dict) -> str:
-    lines = ["metric | value", "--- | ---",
-             f"top-1 agreement (first drafted token) | {agree['top1']:.3f}",
-             f"top-4 agreement | {agree['top4']:.3f}",
-             "chain: P(token k right given 1..k-1 right), k=1.. | "
-             + " ".join(f"{v:.3f}" for v in agree["chain_conditional"]),
-             "chain: P(tokens 1..k all right) | " + " ".join(f"{v:.3f}" for v in agree["chain_all_right"]),
-             f"chain: expected tokens per target forward | {agree['chain_expected_tokens']:.2f}",
-             f"target forward, 1 token (ms) | {lat['target_ms']:.1f}",
-             f"draft forward, 1 token (ms) | {lat['draft_ms']:.2f}",
-             f"draft forward, 3-node frontier (ms) | {lat['draft_frontier3_ms']:.2f}",
-             f"draft / target latency | {lat['draft_over_target']:.3f}"]
+def format_eval(agree: dict | None, lat: dict | None) -> str:
+    lines = ["metric | value", "--- | ---"]
+    if agree:
+        lines += [f"top-1 agreement (first drafted token) | {agree['top1']:.3f}",
+                  f"top-4 agreement | {agree['top4']:.3f}",
+                  "chain: P(token k right given 1..k-1 right), k=1.. | "
+                  + " ".join(f"{v:.3f}" for v in agree["chain_conditional"]),
+                  "chain: P(tokens 1..k all right) | " + " ".join(f"{v:.3f}" for v in agree["chain_all_right"]),
+                  f"chain: expected tokens per target forward | {agree['chain_expected_tokens']:.2f}"]
+    if lat:
+        lines += [f"target forward, 1 token (ms) | {lat['target_ms']:.1f}",
+                  f"draft forward, 1 token (ms) | {lat['draft_ms']:.2f}",
+                  f"draft forward, 3-node frontier (ms) | {lat['draft_frontier3_ms']:.2f}",
+                  f"draft / target latency | {lat['draft_over_target']:.3f}"]
     return "\n".join(lines)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> float:
-    return run(cfg)["agreement"]["top1"]
+    return (run(cfg).get("agreement") or {}).get("top1", 0.0)
 
 
 if __name__ == "__main__":

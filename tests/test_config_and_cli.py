@@ -69,3 +69,41 @@ def test_benchmark_cli(tiny_pair_dirs, tmp_path):
         assert greedy[method]["identical"] == 2, method  # greedy: every method emits the target's tokens
         assert greedy[method]["new_tokens"] > 0
     assert result["runs"]["1.0"]["rows"]["tree"]["identical"] is None
+
+
+def test_train_draft_then_eval_draft_then_benchmark_cli(tiny_pair_dirs, tmp_path):
+    """The draft pipeline end to end on the tiny pair: teacher shards -> EAGLE head -> evaluation ->
+    decoding and benchmarking with it (HF assisted falls back to the assistant model)."""
+    rows = lambda name, n: "\n".join(json.dumps({"id": f"{name}-{i}", "category": "c", "prompt": f"w{i % 90 + 5} w{i % 7 + 3} w9"})  # noqa: E731
+                                     for i in range(n))
+    (tmp_path / "train.jsonl").write_text(rows("train", 16))
+    (tmp_path / "spec_bench.jsonl").write_text(rows("eval", 4))
+    cache, head = tmp_path / "cache", tmp_path / "head"
+    common = [f"model.target_model_name={tiny_pair_dirs / 'target'}", f"data_dir={tmp_path}", f"output_dir={tmp_path}",
+              f"model.cache_dir={cache}"]
+    out = run_script("train_draft.py", *common, "draft=eagle", "draft.teacher.files=[train.jsonl]",
+                     "draft.teacher.num_prompts=16", "draft.teacher.shard_prompts=8", "draft.teacher.batch_size=4",
+                     "draft.teacher.max_new_tokens=8", "draft.teacher.dtype=float32", "draft.vocab_size=40",
+                     "draft.epochs=2", "draft.batch_tokens=64", "draft.eval_sequences=2", "draft.bf16=false",
+                     f"out_dir={head}")
+    assert (head / "eagle_head.safetensors").is_file() and "heldout_vocab_coverage" in out
+    assert len(list(cache.glob("teacher-*/shard-*.safetensors"))) == 2
+    again = run_script("train_draft.py", *common, "draft=eagle", "draft.teacher.files=[train.jsonl]",  # resumes: no work
+                       "draft.teacher.num_prompts=16", "draft.teacher.shard_prompts=8", "draft.teacher.batch_size=4",
+                       "draft.teacher.max_new_tokens=8", "draft.teacher.dtype=float32", "draft.vocab_size=40",
+                       "draft.epochs=2", "draft.batch_tokens=64", "draft.eval_sequences=2", "draft.bf16=false",
+                       f"out_dir={head}")
+    assert "steps:" in again
+    out = run_script("eval_draft.py", *common, f"model.draft_model_name={head}", "eval_draft.num_prompts=4",
+                     "eval_draft.max_new_tokens=8", "eval_draft.speed_prompts=2", "eval_draft.speed_max_new_tokens=8",
+                     "eval_draft.latency_repeats=3", "eval_draft.latency_context=16", "eval_draft.batch_size=2")
+    assert "top-1 agreement" in out and "draft / target latency" in out
+    result = json.loads(next(tmp_path.glob("eval_draft-*.json")).read_text())
+    assert 0 <= result["agreement"]["top1"] <= result["agreement"]["top4"] <= 1
+    assert result["speed"]["rows"]["tree"]["identical"] == 2  # greedy with the head: the target's tokens
+    out = run_script("benchmark.py", *common, f"model.draft_model_name={head}",
+                     f"benchmark.assistant_model_name={tiny_pair_dirs / 'draft'}", "benchmark.prompt_file=spec_bench.jsonl",
+                     "benchmark.num_prompts=2", "benchmark.max_new_tokens=8", "benchmark.warmup_prompts=0")
+    result = json.loads(next(tmp_path.glob("benchmark-*.json")).read_text())
+    assert all(r["identical"] == 2 for r in next(iter(result["runs"].values()))["rows"].values())
+    assert result["assistant"] == str(tiny_pair_dirs / "draft")

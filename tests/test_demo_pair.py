@@ -41,3 +41,26 @@ def test_demo_pair_greedy_is_lossless(pair, method, mode, default_config):
         got, stats = decoder.generate(ids, max_new_tokens=20)
         assert got.tolist() == want.tolist(), (method, mode, prompt)
         assert stats.target_forwards <= 20
+
+
+@pytest.mark.parametrize("method", ["chain", "tree"])
+def test_shipped_eagle_draft_is_lossless_and_accepted(pair, method, default_config):
+    """The default draft shipped in models/checkpoints: exact greedy output on the demo target, and it
+    is a useful draft (more than one token per target forward on these prompts)."""
+    from speculative_decoder import load_draft, resolve_model_path
+
+    target, _, tokenizer = pair
+    draft = load_draft(resolve_model_path("demo:draft"), target, default_config.model)
+    config = dataclasses.replace(default_config,
+                                 decoding=dataclasses.replace(default_config.decoding, method=method, do_sample=False))
+    decoder = SpeculativeDecoder.from_models(target, draft, tokenizer, config)
+    forwards = tokens = 0
+    for prompt in PROMPTS:
+        ids = decoder.encode_prompt(prompt)
+        with torch.no_grad():
+            want = target.generate(ids, max_new_tokens=32, do_sample=False, attention_mask=torch.ones_like(ids))
+        got, stats = decoder.generate(ids, max_new_tokens=32)
+        assert got.tolist() == want.tolist(), (method, prompt)
+        forwards += stats.target_forwards
+        tokens += stats.new_tokens
+    assert tokens / forwards > 1.3, (tokens, forwards)

@@ -3,7 +3,9 @@
 Methods (``benchmark.methods``):
   target_only   our incremental decoding with the target alone (the speedup baseline)
   hf_generate   Hugging Face ``generate`` with the target alone (a sanity check of the baseline)
-  hf_assisted   Hugging Face assisted generation, ``generate(assistant_model=draft)``
+  hf_assisted   Hugging Face assisted generation, ``generate(assistant_model=...)``: the draft when it
+                is an HF causal LM, else ``assistant`` (an EAGLE-style head is not an HF model; the
+                script passes ``benchmark.assistant_model_name``, the small-LM demo draft)
   chain, tree   treespec with ``decoding.method`` = chain / tree and ``config.tree_search``
 Prompts are interleaved (prompt 1 with every method, then prompt 2, ...) so that drifting machine
 load hits all methods alike. Greedy runs also check that every method emitted exactly the
@@ -74,11 +76,15 @@ class MethodTotals:
 
 
 def run_benchmark(decoder: SpeculativeDecoder, prompts: list[dict], methods: list[str], max_new_tokens: int,
-                  max_prompt_tokens: int, warmup: int, decoding: dict, log=print) -> dict:
+                  max_prompt_tokens: int, warmup: int, decoding: dict, log=print, assistant=None) -> dict:
     """Returns {"rows": {method: metrics}, "skipped": [...]} with speedups filled in."""
     unknown = set(methods) - set(TREESPEC_METHODS) - set(HF_METHODS)
     if unknown:
         raise ValueError(f"unknown benchmark method(s) {sorted(unknown)}; known: {TREESPEC_METHODS + HF_METHODS}")
+    assistant = assistant if assistant is not None else decoder.draft_model
+    if "hf_assisted" in methods and assistant is None:
+        log("skip hf_assisted: the draft is not a Hugging Face causal LM and no assistant model was given")
+        methods = [m for m in methods if m != "hf_assisted"]
     encoded, skipped = [], []
     for row in prompts:
         ids = decoder.encode_prompt(row["prompt"])
@@ -92,12 +98,12 @@ def run_benchmark(decoder: SpeculativeDecoder, prompts: list[dict], methods: lis
     greedy = not decoding.get("do_sample") or decoding.get("temperature", 1.0) == 0
     for _, ids in encoded[:warmup]:  # warm-up: allocator, kernels, caches; not timed
         for m in methods:
-            _run_one(decoder, m, ids, min(max_new_tokens, 16), decoding, seed=0)
+            _run_one(decoder, m, ids, min(max_new_tokens, 16), decoding, seed=0, assistant=assistant)
     totals = {m: MethodTotals() for m in methods}
     for i, (pid, ids) in enumerate(encoded[warmup:] if len(encoded) > warmup else encoded):
         reference = None
         for m in methods:
-            out, seconds, stats = _run_one(decoder, m, ids, max_new_tokens, decoding, seed=i)
+            out, seconds, stats = _run_one(decoder, m, ids, max_new_tokens, decoding, seed=i, assistant=assistant)
             new = out[ids.shape[1]:]
             totals[m].add(len(new), seconds, stats)
             if greedy:
@@ -116,7 +122,8 @@ def run_benchmark(decoder: SpeculativeDecoder, prompts: list[dict], methods: lis
     return {"rows": rows, "skipped": skipped}
 
 
-def _run_one(decoder: SpeculativeDecoder, method: str, ids: torch.Tensor, max_new: int, decoding: dict, seed: int):
+def _run_one(decoder: SpeculativeDecoder, method: str, ids: torch.Tensor, max_new: int, decoding: dict, seed: int,
+             assistant=None):
     """(all token ids as a list, seconds, stats or None for HF methods)."""
     sample = bool(decoding.get("do_sample")) and decoding.get("temperature", 1.0) > 0
     if method in TREESPEC_METHODS:
@@ -130,7 +137,7 @@ def _run_one(decoder: SpeculativeDecoder, method: str, ids: torch.Tensor, max_ne
                       top_p=decoding.get("top_p", 1.0))
         torch.manual_seed(seed)  # HF generate samples from the global RNG
     if method == "hf_assisted":
-        kwargs["assistant_model"] = decoder.draft_model
+        kwargs["assistant_model"] = assistant
     device = decoder.device
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -41,7 +41,9 @@ MARKER = "treespec.json"
 
 # Special values of config.model.{target,draft}_model_name that resolve to the demo pair.
 DEMO_TARGET = "demo:target"
-DEMO_DRAFT = "demo:draft"
+DEMO_DRAFT = "demo:draft"  # the shipped EAGLE-style head
+DEMO_DRAFT_LM = "demo:draft-lm"  # the quick small-LM draft, built on first use
+SHIPPED_DRAFT = Path(__file__).resolve().parents[1] / "models" / "checkpoints" / "smollm2-135m-eagle"
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -209,10 +209,10 @@ def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=N
         opt.step()
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}", top1=f"{stats['top1']:.3f}")
-        losses.append(round(float(loss), 5))
+        bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{stats['top1']:.3f}")
+        losses.append(round(loss.item(), 5))
         if tracker is not None:
-            tracker.log({"train/loss": float(loss), **{f"train/{k}": v for k, v in stats.items()},
+            tracker.log({"train/loss": loss.item(), **{f"train/{k}": v for k, v in stats.items()},
                          "train/lr": lr_at(step - 1)}, step=step)
         if step % cfg.eval_every == 0 or step == total_steps:
             head.eval()

@@ -78,7 +78,7 @@ def train_draft(cfg, tracker=None) -> Path:
     from training.eagle_draft import train_eagle
 
     target, _ = load_target(target_dir, "float32", cfg.model.device)
-    out = Path(cfg.get("out_dir") or cache / f"smollm2-135m-draft-{dcfg.tag}")
+    out = repo_path(cfg.out_dir) if cfg.get("out_dir") else cache / f"smollm2-135m-draft-{dcfg.tag}"
     summary = train_eagle(target, data, dcfg, cache / "runs" / dcfg.tag, out, tracker)
     summary.update(teacher_shards=len(shards), teacher_dir=str(shards[0].parent.name),
                    teacher_answer_tokens=sum(m["answer_tokens"] for m in data["meta"]),
