@@ -52,7 +52,10 @@ def run(cfg: DictConfig) -> dict:
                                 cache_root(m.cache_dir), m.device, prefix="evalset", forbid=())
         data = teacher_data.load_shards(shards)
         t0 = time.time()
-        result["agreement"] = chain_agreement(drafter, data, e.chain_depth, decoder.device)
+        rows = [json.loads(line) for line in (repo_path(cfg.data_dir) / e.prompt_file).read_text().splitlines() if line.strip()]
+        category = {r["id"]: r.get("category", "") for r in rows}
+        groups = [category.get(pid, "") for meta in data["meta"] for pid in meta["prompt_ids"]]
+        result["agreement"] = chain_agreement(drafter, data, e.chain_depth, decoder.device, groups)
         print(f"agreement on {result['agreement']['positions']} positions of {len(data['prompt_lens'])} target "
               f"continuations ({time.time() - t0:.0f} s)", flush=True)
     if "latency" in parts:
@@ -85,6 +88,8 @@ def format_eval(agree: dict | None, lat: dict | None) -> str:
                   + " ".join(f"{v:.3f}" for v in agree["chain_conditional"]),
                   "chain: P(tokens 1..k all right) | " + " ".join(f"{v:.3f}" for v in agree["chain_all_right"]),
                   f"chain: expected tokens per target forward | {agree['chain_expected_tokens']:.2f}"]
+        lines += [f"top-1 agreement, {g} ({v['positions']} positions) | {v['top1']:.3f}"
+                  for g, v in agree.get("top1_by_group", {}).items()]
     if lat:
         lines += [f"target forward, 1 token (ms) | {lat['target_ms']:.1f}",
                   f"draft forward, 1 token (ms) | {lat['draft_ms']:.2f}",

@@ -1,4 +1,4 @@
-"""Make (or find) the demo draft: the target's first layers distilled to it, cached on disk.
+"""Make (or find) the small-LM demo draft (demo:draft-lm): the target's first layers distilled to it.
 
     python scripts/make_draft.py                    # reuse the cached draft when it is complete
     python scripts/make_draft.py force=true         # rebuild it

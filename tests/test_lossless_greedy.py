@@ -116,9 +116,9 @@ def test_caches_hold_prefix_plus_accepted(search, default_config):
     checked = 0
     caches = {}
 
-    def spy(tree, prefix, cache):
+    def spy(tree, prefix, cache, *args):
         caches["target"] = cache
-        return real(tree, prefix, cache)
+        return real(tree, prefix, cache, *args)
 
     real = decoder._target_tree_forward
     decoder._target_tree_forward = spy

@@ -27,14 +27,18 @@ from models.tree import DraftTree
 
 
 @torch.no_grad()
-def chain_agreement(drafter: Drafter, data: dict, depth: int, device) -> dict:
-    """Agreement of drafted chains with the target's greedy continuations (see module doc)."""
+def chain_agreement(drafter: Drafter, data: dict, depth: int, device, groups: list[str] | None = None) -> dict:
+    """Agreement of drafted chains with the target's greedy continuations (see module doc).
+
+    ``groups`` (one label per sequence, e.g. the prompt category) adds top-1 agreement per label."""
     needs_hidden = getattr(drafter, "needs_target_hidden", False)
     right = [0] * depth  # chains whose first k+1 tokens are all right
     reach = [0] * depth  # chains that drafted token k+1 (tokens 1..k right, and the text goes on)
     avail = [0] * depth  # positions with at least k+1 tokens of text after them
     top1 = top4 = positions = 0
+    by_group: dict[str, list[int]] = {}
     for s in range(len(data["prompt_lens"])):
+        hits_before, pos_before = top1, positions
         a, b = int(data["offsets"][s]), int(data["offsets"][s + 1])
         ids = data["input_ids"][a:b].long().to(device)
         feats = data["hidden"][a:b].float().to(device)
@@ -61,11 +65,16 @@ def chain_agreement(drafter: Drafter, data: dict, depth: int, device) -> dict:
                 node = int(tree.add_children(torch.tensor([node]), torch.tensor([guess]), torch.zeros(1))[0])
                 guess = int(drafter.propose(tree, [node])[0].argmax())
             drafter.commit(tree, [0], target_hidden=feats[i:i + 1] if needs_hidden else None)
+        if groups is not None:
+            g = by_group.setdefault(groups[s], [0, 0])
+            g[0] += top1 - hits_before
+            g[1] += positions - pos_before
     n = max(positions, 1)
     cumulative = [r / a if a else 0.0 for r, a in zip(right, avail)]
     conditional = [r / c if c else 0.0 for r, c in zip(right, reach)]
     return {"positions": positions, "top1": top1 / n, "top4": top4 / n, "chain_all_right": cumulative,
-            "chain_conditional": conditional, "chain_expected_tokens": 1 + sum(cumulative)}
+            "chain_conditional": conditional, "chain_expected_tokens": 1 + sum(cumulative),
+            "top1_by_group": {k: {"top1": h / max(t, 1), "positions": t} for k, (h, t) in sorted(by_group.items())}}
 
 
 def _median_ms(fn, repeats: int) -> float:
