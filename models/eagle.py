@@ -157,9 +157,6 @@ class EagleHead(nn.Module):
             self.k_cache = self.k_cache[:, :, :length]
             self.v_cache = self.v_cache[:, :, :length]
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items()}
-
 
 # ---------------------------------------------------------------------- checkpoints
 def save_eagle_draft(head: EagleHead, out_dir: str | Path, meta: dict | None = None,
@@ -168,7 +165,7 @@ def save_eagle_draft(head: EagleHead, out_dir: str | Path, meta: dict | None = N
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to(dtype).contiguous() for k, v in head.trainable_state().items()}
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in head.state_dict().items()}
     save_file(tensors, str(out / WEIGHTS))
     info = {"family": FAMILY, "config": asdict(head.cfg), **(meta or {})}
     (out / META).write_text(json.dumps(info, indent=1) + "\n")
@@ -222,8 +219,7 @@ class EagleDrafter(Drafter):
 
     def __init__(self, head: EagleHead):
         self.head = head
-        vocab = head.cfg.vocab_size
-        self.full_vocab = vocab
+        self.full_vocab = head.cfg.vocab_size
         self.pending_feats: list[torch.Tensor] = []  # committed pairs not yet fed: features ...
         self.pending_tokens: list[int] = []  # ... and the tokens that followed them
         self.last_feat: torch.Tensor | None = None  # feature of the last committed token

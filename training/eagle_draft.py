@@ -246,8 +246,6 @@ def _save_ckpt(path: Path, head, opt, step, history, elapsed, recipe, vocab, los
 
 
 def _plain(cfg) -> dict:
-    try:
-        from omegaconf import OmegaConf
-        return OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
-    except ValueError:
-        return dict(cfg)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)

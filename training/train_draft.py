@@ -44,10 +44,10 @@ def load_target(target_dir: Path, dtype: str, device: str = "cpu"):
 
 
 def ensure_teacher(target_dir: Path, target_name: str, tcfg, data_dir: Path, cache: Path, device: str = "cpu",
-                   files=None, prefix: str = "teacher", forbid=EVAL_SETS, progress: bool = True) -> list[Path]:
+                   prefix: str = "teacher", forbid=EVAL_SETS, progress: bool = True) -> list[Path]:
     """All teacher shards of ``tcfg`` (made where missing)."""
-    out = teacher_dir(cache, target_name, tcfg if files is None else OmegaConf.merge(tcfg, {"files": list(files)}), prefix)
-    prompts = teacher_data.read_prompts(data_dir, list(files or tcfg.files), tcfg.seed, forbid=forbid)
+    out = teacher_dir(cache, target_name, tcfg, prefix)
+    prompts = teacher_data.read_prompts(data_dir, list(tcfg.files), tcfg.seed, forbid=forbid)
     prompts = prompts[:tcfg.num_prompts]
     n = (len(prompts) + tcfg.shard_prompts - 1) // tcfg.shard_prompts
     paths = [teacher_data.shard_path(out, i) for i in range(n)]
