@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from models.errors import ConfigError, ModelLoadError
+from training.teacher_data import interleave
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +95,6 @@ def _read_rows(data_dir: Path, train_files: Mapping[str, str]) -> list[list[tupl
     return per_file
 
 
-def _interleave(per_file: list[list], seed: int) -> list:
-    """Shuffle each file, then take one row from each in turn: every file contributes evenly
-    (gsm8k_train alone would otherwise be half the text) and the order is fixed by the seed."""
-    rng = random.Random(seed)
-    shuffled = [rng.sample(rows, len(rows)) for rows in per_file]
-    out = []
-    for i in range(max(map(len, shuffled))):
-        out.extend(rows[i] for rows in shuffled if i < len(rows))
-    return out
-
-
 def _encode(tokenizer, prompt: str, answer: str, max_len: int) -> tuple[list[int], int] | None:
     """Token ids of the chat-formatted exchange and the index of its first answer token.
 
@@ -150,7 +140,7 @@ def _batches(seqs: list[tuple[list[int], int]], batch_size: int, pad_id: int, se
 
 def prepare_data(tokenizer, cfg, data_dir: Path):
     """(train batches, eval batches): eval is a held-out slice of the same train-only text."""
-    pool = _interleave(_read_rows(Path(data_dir), cfg.train_files), cfg.seed)
+    pool = interleave(_read_rows(Path(data_dir), cfg.train_files), cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded: Iterator = (e for e in (_encode(tokenizer, p, a, cfg.max_seq_len) for p, a in pool)
                          if e is not None)

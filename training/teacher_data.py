@@ -51,7 +51,6 @@ def read_prompts(data_dir: Path, files: list[str], seed: int, forbid: tuple[str,
     if not Path(data_dir).is_dir():
         raise ModelLoadError(f"prompt data folder {data_dir} does not exist. Fix: set the config key "
                              "`data_dir` (or $TREESPEC_DATA) to the folder holding the JSONL prompt sets.")
-    rng = random.Random(seed)
     per_file = []
     for name in files:
         if any(f in name for f in forbid):
@@ -62,10 +61,18 @@ def read_prompts(data_dir: Path, files: list[str], seed: int, forbid: tuple[str,
             raise ModelLoadError(f"prompt file {path} is missing (config key `data_dir` = {data_dir})")
         with open(path, encoding="utf-8") as fh:
             rows = [json.loads(line) for line in fh if line.strip()]
-        per_file.append(rng.sample(rows, len(rows)))
+        per_file.append([{"id": r["id"], "prompt": r["prompt"]} for r in rows])
+    return interleave(per_file, seed)
+
+
+def interleave(per_file: list[list], seed: int) -> list:
+    """Shuffle each file's rows (seeded), then take one row from each file in turn: every file
+    contributes evenly (GSM8K train alone would otherwise be half the text), order fixed by the seed."""
+    rng = random.Random(seed)
+    shuffled = [rng.sample(rows, len(rows)) for rows in per_file]
     out = []
-    for i in range(max(map(len, per_file), default=0)):
-        out.extend({"id": rows[i]["id"], "prompt": rows[i]["prompt"]} for rows in per_file if i < len(rows))
+    for i in range(max(map(len, shuffled), default=0)):
+        out.extend(rows[i] for rows in shuffled if i < len(rows))
     return out
 
 
