@@ -347,8 +347,10 @@ def resolve_model_path(name: str, cache_dir: str | None = None, data_dir: str | 
     if name == demo_pair.DEMO_TARGET:
         return demo_pair.ensure_demo_target(cache_dir)
     if name == demo_pair.DEMO_DRAFT:
+        from models.eagle import is_eagle_draft
+
         shipped = demo_pair.SHIPPED_DRAFT
-        if not (shipped / "eagle_head.json").is_file():
+        if not is_eagle_draft(shipped):
             raise ModelLoadError(f"the shipped demo draft {shipped} is missing; remake it with "
                                  "`python scripts/train_draft.py draft=eagle out_dir=models/checkpoints/smollm2-135m-eagle`"
                                  " or use model.draft_model_name=demo:draft-lm")
@@ -361,9 +363,11 @@ def resolve_model_path(name: str, cache_dir: str | None = None, data_dir: str | 
         hint = (" It looks like a hub id; model hubs are not reachable here, so download the model elsewhere "
                 "and pass its local directory." if "/" in name and not name.startswith((".", "/", "~")) else "")
         raise ModelLoadError(f"model path does not exist: {name!r}.{hint}")
-    if not (path / "config.json").is_file() and not (path / "eagle_head.json").is_file():
+    from models.eagle import META, is_eagle_draft
+
+    if not (path / "config.json").is_file() and not is_eagle_draft(path):
         raise ModelLoadError(f"{path} is neither a Hugging Face model directory (no config.json) nor an "
-                             "EAGLE draft (no eagle_head.json)")
+                             f"EAGLE draft (no {META})")
     return path
 
 

@@ -66,10 +66,8 @@ class HFDrafter(Drafter):
         if nodes == [0]:
             return self._propose_root(tree)
         keys = self.cached_nodes + nodes
-        anc = tree.ancestor_matrix()
-        node_idx = torch.tensor(nodes, device=anc.device)
-        key_idx = torch.tensor(keys, device=anc.device)
-        visible = anc[node_idx][:, key_idx]  # [F, K]: query node sees key node iff it is its ancestor or itself
+        visible = tree.visibility(nodes, keys)  # [F, K]
+        node_idx = torch.tensor(nodes, device=visible.device)
         ids = tree.tokens[node_idx].unsqueeze(0).to(self.device)  # [1, F]
         pos = (self.tree_base + tree.depth[node_idx]).unsqueeze(0).to(self.device)  # [1, F]
         mask = tree_attention_mask(visible.to(self.device), self.tree_base, self.model.dtype)

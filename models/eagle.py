@@ -21,7 +21,6 @@ forward should cost a few milliseconds.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -262,9 +261,8 @@ class EagleDrafter(Drafter):
             self.cached_nodes, self.node_feats = [0], {0: out[0]}
             return self._expand(head.logits(out)).float()
         keys = self.cached_nodes + nodes
-        anc = tree.ancestor_matrix()
         node_idx = torch.tensor(nodes)
-        visible = anc[node_idx][:, torch.tensor(keys)].to(self.device)  # [F, K]
+        visible = tree.visibility(nodes, keys).to(self.device)  # [F, K]
         prefix = torch.ones(len(nodes), self.tree_base, dtype=torch.bool, device=self.device)
         mask = torch.cat([prefix, visible], dim=1)
         parents = tree.parents[node_idx].tolist()

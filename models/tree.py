@@ -118,6 +118,11 @@ class DraftTree:
         self._anc = anc
         return anc
 
+    def visibility(self, queries: list[int], keys: list[int]) -> torch.Tensor:
+        """[Q, K] bool: query node i sees key node j iff j is an ancestor of i or i itself."""
+        anc = self.ancestor_matrix()
+        return anc[torch.tensor(queries, device=anc.device)][:, torch.tensor(keys, device=anc.device)]
+
     # ------------------------------------------------------------------ tree attention
     def position_ids(self, prefix_len: int) -> torch.Tensor:
         """[1, N]: the root sits right after the cached prefix, each node at its depth beyond it."""

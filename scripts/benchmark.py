@@ -37,7 +37,8 @@ def run(cfg: DictConfig) -> dict:
     prompts = load_prompts(repo_path(cfg.data_dir) / b.prompt_file, b.num_prompts + b.warmup_prompts,
                            list(b.categories) if b.categories else None)
     temperatures = list(b.temperatures) if b.get("temperatures") else [0.0 if config.decoding.greedy else config.decoding.temperature]
-    result = dict(assistant=b.get("assistant_model_name") if assistant is not None else None, config=OmegaConf.to_container(cfg, resolve=True), device=str(decoder.device),
+    result = dict(assistant=b.assistant_model_name if assistant is not None else None,
+                  config=OmegaConf.to_container(cfg, resolve=True), device=str(decoder.device),
                   threads=torch.get_num_threads(), prompts=[p["id"] for p in prompts], runs={})
     tracker = start_run(cfg, job="benchmark")
     for temperature in temperatures:

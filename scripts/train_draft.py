@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from models.eagle import META  # noqa: E402
 from training.tracking import start_run  # noqa: E402
 from training.train_draft import train_draft  # noqa: E402
 
@@ -31,7 +32,7 @@ def main(cfg: DictConfig) -> None:
         out = train_draft(cfg, tracker)
     finally:
         tracker.finish()
-    meta = json.loads((out / "eagle_head.json").read_text())
+    meta = json.loads((out / META).read_text())
     print(f"draft: {out}")
     for key in ("steps", "train_seconds", "train_answer_tokens", "vocab_size", "heldout_vocab_coverage", "heldout"):
         print(f"  {key}: {meta.get(key)}")

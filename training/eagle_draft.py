@@ -149,8 +149,10 @@ def agreement(head: EagleHead, data: dict, seqs: list, device, batch_tokens: int
     return {"top1": hit1 / max(total, 1), "top4": hit4 / max(total, 1), "tokens": total}
 
 
-def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=None, progress: bool = True) -> dict:
-    """Train (or resume) the head; write the fp16 draft to ``out_dir``. Returns the summary dict."""
+def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=None, progress: bool = True,
+                meta: dict | None = None) -> dict:
+    """Train (or resume) the head; write the fp16 draft to ``out_dir`` with the summary plus ``meta``
+    (e.g. where the teacher data came from) in its json. Returns the summary dict."""
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -233,7 +235,7 @@ def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=N
                "history": history, "heldout": history[-1] if history else None,
                "loss_first": losses[0] if losses else None,
                "loss_last_mean10": round(sum(losses[-10:]) / len(losses[-10:]), 5) if losses else None}
-    save_eagle_draft(head, out_dir, meta=summary)
+    save_eagle_draft(head, out_dir, meta={**summary, **(meta or {})})
     return summary
 
 

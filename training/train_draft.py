@@ -18,7 +18,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from models.errors import ConfigError
@@ -36,13 +35,6 @@ def teacher_dir(root: Path, target_name: str, tcfg, prefix: str = "teacher") -> 
     return root / f"{prefix}-{digest}"
 
 
-def load_target(target_dir: Path, dtype: str, device: str = "cpu"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=getattr(torch, dtype), local_files_only=True)
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(str(target_dir), local_files_only=True)
-
-
 def ensure_teacher(target_dir: Path, target_name: str, tcfg, data_dir: Path, cache: Path, device: str = "cpu",
                    prefix: str = "teacher", forbid=EVAL_SETS, progress: bool = True) -> list[Path]:
     """All teacher shards of ``tcfg`` (made where missing)."""
@@ -53,7 +45,9 @@ def ensure_teacher(target_dir: Path, target_name: str, tcfg, data_dir: Path, cac
     paths = [teacher_data.shard_path(out, i) for i in range(n)]
     if all(p.is_file() for p in paths):
         return paths
-    model, tok = load_target(target_dir, tcfg.dtype, device)
+    from speculative_decoder import load_model, load_tokenizer
+
+    model, tok = load_model(target_dir, device, tcfg.dtype), load_tokenizer(target_dir)
     log.info("teacher data -> %s (%d prompts, %d shards)", out, len(prompts), n)
     return teacher_data.build_shards(model, tok, prompts, out, tcfg,
                                      {"target": target_name, "dtype": tcfg.dtype}, progress=progress)
@@ -62,7 +56,7 @@ def ensure_teacher(target_dir: Path, target_name: str, tcfg, data_dir: Path, cac
 def train_draft(cfg, tracker=None) -> Path:
     """Run the whole pipeline for ``cfg.draft``; returns the draft directory."""
     from models.config import repo_path
-    from speculative_decoder import resolve_model_path
+    from speculative_decoder import load_model, resolve_model_path
 
     dcfg = cfg.draft
     if dcfg.get("family") != "eagle":
@@ -77,14 +71,10 @@ def train_draft(cfg, tracker=None) -> Path:
     data = teacher_data.load_shards(shards)
     from training.eagle_draft import train_eagle
 
-    target, _ = load_target(target_dir, "float32", cfg.model.device)
+    target = load_model(target_dir, cfg.model.device, "float32")
     out = repo_path(cfg.out_dir) if cfg.get("out_dir") else cache / f"smollm2-135m-draft-{dcfg.tag}"
-    summary = train_eagle(target, data, dcfg, cache / "runs" / dcfg.tag, out, tracker)
-    summary.update(teacher_shards=len(shards), teacher_dir=str(shards[0].parent.name),
+    teacher = dict(teacher_shards=len(shards), teacher_dir=str(shards[0].parent.name),
                    teacher_answer_tokens=sum(m["answer_tokens"] for m in data["meta"]),
                    teacher_seconds_this_run=round(teacher_s, 1), target=cfg.model.target_model_name)
-    meta_path = out / "eagle_head.json"
-    meta = json.loads(meta_path.read_text())
-    meta.update(summary)
-    meta_path.write_text(json.dumps(meta, indent=1) + "\n")
+    train_eagle(target, data, dcfg, cache / "runs" / dcfg.tag, out, tracker, meta=teacher)
     return out
