@@ -9,10 +9,12 @@
 One decode step (``_decode``), as in DESIGN.md section 2:
   0. prefill the target and the draft; the target's last logits give the first root token
   1. draft a tree under the root (one draft forward per level, tree mask, draft KV cache)
+  2. align + predict, inside the search as nodes are drafted (``NodeScorer``): node features, the
+     aligned distribution, P(accept | parent accepted); ``rank_by=predictor`` ranks nodes by it
   4. verify: one target forward over root + nodes (4-D mask + position_ids); greedy or rejection sampling
   5. commit: both caches keep prefix + accepted path; the emitted next token becomes the new root
   6. stop on EOS inside the emitted tokens, at max_new_tokens exactly, or at the context limit
-(steps 2-3, alignment/acceptance prediction/pruning, plug in between 1 and 4.)
+(step 3, pruning, plugs in between 2 and 4.)
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ from models.draft_tree_search import DraftTreeSearch, TreeShape
 from models.drafter import Drafter, HFDrafter
 from models.errors import ConfigError, InputError, ModelLoadError, VocabularyMismatchError
 from models.kv_cache import cache_length, keep_tokens, new_cache
+from models.node_features import StepContext
+from models.node_scorer import NodeScorer
 from models.sampling import logits_to_probs
 from models.tree import DraftTree
 from models.verification import verify_greedy, verify_sampling
 
 __all__ = ["SpeculativeDecoder", "SpeculativeDecodingConfig", "GenerationStats", "load_model", "load_tokenizer"]
 
-PHASES = ("prefill", "draft", "verify", "commit", "other")
+PHASES = ("prefill", "draft", "score", "verify", "commit", "other")
 
 
 @dataclass
@@ -51,6 +55,9 @@ class GenerationStats:
     drafted_tokens: int = 0  # tree nodes sent to verification, roots excluded
     accepted_tokens: int = 0  # drafted tokens the target kept
     draft_forwards: int = 0
+    # Sum over verified nodes of their path probability (predicted when a predictor is loaded, else
+    # the draft's own): what the tree policy expected to be accepted; compare with accepted_tokens.
+    expected_accepted: float = 0.0
     accepted_per_depth: list[int] = field(default_factory=list)
     time_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     stop_reason: str = ""
@@ -79,6 +86,24 @@ class GenerationStats:
         return d
 
 
+@dataclass
+class StepRecord:
+    """What one verification saw, for observers (``generate(..., on_step=...)``; trace collection).
+
+    tree: the verified tree (features when scored); target_logits [N, V] and target_hidden [N, Ht]
+    at every node; path / next_token: what verification decided; to_probs: the sampling processor
+    (None when greedy).
+    """
+
+    tree: DraftTree
+    target_logits: torch.Tensor
+    target_hidden: torch.Tensor | None
+    path: list[int]
+    next_token: int
+    to_probs: object
+    context: StepContext
+
+
 class _Timer:
     """Accumulates wall time per phase; synchronises CUDA so that GPU time lands in its phase."""
 
@@ -92,6 +117,11 @@ class _Timer:
         now = time.perf_counter()
         self.stats.time_s[phase] += now - self.t
         self.t = now
+
+    def move(self, src: str, dst: str, seconds: float) -> None:
+        """Re-book ``seconds`` already counted in phase ``src`` to phase ``dst``."""
+        self.stats.time_s[src] -= seconds
+        self.stats.time_s[dst] += seconds
 
     def pause_until_resumed(self) -> None:
         """Call after a ``yield``: the consumer's time (e.g. detokenizing a stream) is not ours."""
@@ -134,15 +164,41 @@ class SpeculativeDecoder:
             else context_length(target)
         self.eos_ids = eos_token_ids(target, tokenizer)
         self.last_stats: GenerationStats | None = None
+        self.alignment, self.predictor = self._load_learned(config)
+
+    def _load_learned(self, config: SpeculativeDecodingConfig):
+        """The alignment and acceptance predictor named in the config, checked against this pair."""
+        a, p = config.affine_alignment, config.acceptance_predictor
+        alignment = predictor = None
+        if self.drafter is None or not (a.alignment_checkpoint or p.checkpoint):
+            return None, None
+        draft_module = self.drafter.identity_module
+        draft_name = config.model.draft_model_name
+        if a.alignment_checkpoint:
+            from models.affine_alignment import load_alignment
+
+            path = resolve_checkpoint(a.alignment_checkpoint, "alignment", draft_name)
+            alignment = load_alignment(path, target=self.target_model, draft=draft_module, device=self.device)
+        if p.checkpoint:
+            from models.acceptance_predictor import load_predictor
+
+            path = resolve_checkpoint(p.checkpoint, "predictor", draft_name)
+            predictor = load_predictor(path, target=self.target_model, draft=draft_module, device=self.device)
+            if predictor.uses_alignment and alignment is None:
+                raise ConfigError(f"the acceptance predictor {path} reads aligned features: also set "
+                                  "affine_alignment.alignment_checkpoint (e.g. affine_alignment=demo)")
+        return alignment, predictor
 
     # ------------------------------------------------------------------ public API
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, **overrides) -> tuple[torch.Tensor, GenerationStats]:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, on_step=None,
+                 **overrides) -> tuple[torch.Tensor, GenerationStats]:
         """Generate up to ``max_new_tokens`` after ``input_ids`` [1, T] (or [T]).
 
         Returns ``(ids [1, T + new], stats)``. ``overrides`` replace ``config.decoding`` fields for
         this call (``method``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``).
+        ``on_step`` (optional) is called with a ``StepRecord`` after every verification.
         """
-        for ids, self.last_stats in self._run(input_ids, max_new_tokens, overrides):
+        for ids, self.last_stats in self._run(input_ids, max_new_tokens, overrides, on_step):
             pass
         return ids, self.last_stats
 
@@ -179,7 +235,8 @@ class SpeculativeDecoder:
         return torch.as_tensor(ids).reshape(1, -1)
 
     # ------------------------------------------------------------------ the decode loop
-    def _run(self, input_ids, max_new_tokens, overrides) -> Iterator[tuple[torch.Tensor, GenerationStats]]:
+    def _run(self, input_ids, max_new_tokens, overrides, on_step=None) -> Iterator[tuple[torch.Tensor, GenerationStats]]:
+        self.config.validate()  # configs are changed in place: check at use, not only when built
         cfg = self._decoding(overrides)
         max_new = cfg.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if max_new < 1:
@@ -187,11 +244,11 @@ class SpeculativeDecoder:
         input_ids = self._check_input(input_ids)
         prompt = input_ids[0].tolist()
         out = list(prompt)
-        for emitted, stats in self._decode(input_ids, max_new, cfg):
+        for emitted, stats in self._decode(input_ids, max_new, cfg, on_step):
             out += emitted
             yield torch.tensor([out], dtype=torch.long), stats
 
-    def _decode(self, input_ids: torch.Tensor, max_new: int, cfg) -> Iterator[tuple[list[int], GenerationStats]]:
+    def _decode(self, input_ids: torch.Tensor, max_new: int, cfg, on_step=None) -> Iterator[tuple[list[int], GenerationStats]]:
         """Yields (tokens emitted by this step, running stats) until a stop condition."""
         stats = GenerationStats(method=cfg.method, prompt_tokens=input_ids.shape[1])
         timer = _Timer(stats, self.device)
@@ -200,18 +257,20 @@ class SpeculativeDecoder:
         if not cfg.greedy:
             generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
             to_probs = partial(logits_to_probs, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-        search = self._search(cfg, to_probs) if cfg.method != "target_only" else None
+        search = self._search(cfg, to_probs, features=on_step is not None) if cfg.method != "target_only" else None
+        scored = search is not None and search.scorer is not None
         limit = min(max_new, self.context_limit - input_ids.shape[1])  # new tokens we may emit
 
         # 0. Prefill: the target's last logits give the first token (the first root).
         cache = new_cache(self.target_model)
         # A feature-conditioned draft (EAGLE style) reads the target's final hidden states.
-        want_hidden = search is not None and getattr(self.drafter, "needs_target_hidden", False)
+        want_hidden = search is not None and (getattr(self.drafter, "needs_target_hidden", False) or on_step is not None)
         with torch.no_grad():
             out = self.target_model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True,
                                     logits_to_keep=1, output_hidden_states=want_hidden)
         logits = out.logits[0, -1]  # [V]
         root = int(logits.argmax()) if to_probs is None else int(torch.multinomial(to_probs(logits), 1, generator=generator))
+        context = self._context(logits, to_probs, 0) if scored else None
         if search is not None:
             hidden = out.hidden_states[-1][0] if want_hidden else None  # [T, H]
             self.drafter.prefill(input_ids.to(self.device), target_hidden=hidden)
@@ -226,11 +285,15 @@ class SpeculativeDecoder:
             # 1. Draft a tree under the root; never deeper than what may still be emitted.
             depth = min(search.shape.max_depth, limit - stats.new_tokens - 1) if search is not None else 0
             if depth > 0:
-                tree = search.grow(self.drafter, root, depth, generator)
+                scored_s = search.scorer.seconds if scored else 0.0
+                tree = search.grow(self.drafter, root, depth, generator, context)
                 stats.draft_forwards += search.levels_run
+                timer.lap("draft")
+                if scored:  # 2. align + predict ran inside the search: book it as its own phase
+                    timer.move("draft", "score", search.scorer.seconds - scored_s)
             else:
                 tree = DraftTree.from_root(root)
-            timer.lap("draft")
+                timer.lap("draft")
             # 4. Verify: one target forward over root + nodes.
             prefix = cache_length(cache)
             logits, hidden = self._target_tree_forward(tree, prefix, cache, want_hidden)  # [N, V], [N, H]
@@ -239,6 +302,11 @@ class SpeculativeDecoder:
             else:
                 path, nxt = verify_sampling(tree, logits, to_probs, search.child_draw if search else "topk", generator)
             timer.lap("verify")
+            step_context = context
+            if scored:  # what the next step's features know: the target's distribution here
+                context = self._context(logits[path[-1]], to_probs, len(path) - 1)
+            if on_step is not None:
+                on_step(StepRecord(tree, logits, hidden, path, nxt, to_probs, step_context))
             # 5. Commit: both caches keep prefix + accepted path; nxt is the next root.
             keep_tokens(cache, prefix, path)
             if search is not None:
@@ -281,6 +349,8 @@ class SpeculativeDecoder:
         stats.target_forwards += 1
         stats.new_tokens += len(emitted)
         stats.drafted_tokens += tree.num_drafted
+        if tree.num_drafted:
+            stats.expected_accepted += float(tree.path_probs()[1:].sum())
         accepted = min(len(path) - 1, len(emitted))
         stats.accepted_tokens += accepted
         for d in range(accepted):
@@ -300,13 +370,27 @@ class SpeculativeDecoder:
             raise ConfigError(f"decoding.method={cfg.method!r} needs a draft model")
         return cfg
 
-    def _search(self, cfg, to_probs) -> DraftTreeSearch:
+    def _search(self, cfg, to_probs, features: bool = False) -> DraftTreeSearch:
+        """The tree search for this call; it scores nodes when a predictor/alignment is in use or
+        ``features`` is asked for (trace collection)."""
         t = self.config.tree_search
         if cfg.method == "chain":
             shape = TreeShape("static", t.max_depth, 1, t.max_depth, [1] * t.max_depth)
         else:
             shape = TreeShape(t.mode, t.max_depth, t.max_candidates, t.max_nodes, list(t.branching))
-        return DraftTreeSearch(shape, to_probs, t.child_draw)
+        scorer = None
+        from_aligned = self.config.affine_alignment.draft_from_aligned
+        if self.predictor is not None or features or from_aligned:
+            lm_head = self.target_model.get_output_embeddings().weight
+            scorer = NodeScorer(self.alignment, self.predictor, lm_head, from_aligned)
+        rank_by = t.rank_by if cfg.method == "tree" else "draft"
+        return DraftTreeSearch(shape, to_probs, t.child_draw, scorer, rank_by)
+
+    @staticmethod
+    def _context(logits: torch.Tensor, to_probs, accepted: int) -> StepContext:
+        """Step context from the target's logits [V] at the position that produced the next root."""
+        p = torch.softmax(logits.float(), dim=-1) if to_probs is None else to_probs(logits)
+        return StepContext.from_probs(p, accepted)
 
     def _check_input(self, input_ids) -> torch.Tensor:
         input_ids = torch.as_tensor(input_ids)
@@ -369,6 +453,16 @@ def resolve_model_path(name: str, cache_dir: str | None = None, data_dir: str | 
         raise ModelLoadError(f"{path} is neither a Hugging Face model directory (no config.json) nor an "
                              f"EAGLE draft (no {META})")
     return path
+
+
+def resolve_checkpoint(name: str, kind: str, draft_name: str | None) -> Path:
+    """``demo:alignment`` / ``demo:predictor`` -> the shipped checkpoint for the configured demo
+    draft; anything else is a local checkpoint directory (checked when loaded)."""
+    from training import demo_pair
+
+    if name == f"demo:{kind}":
+        return demo_pair.shipped_checkpoint(kind, draft_name)
+    return Path(name).expanduser()
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32", attn_implementation: str | None = "sdpa"):

@@ -24,6 +24,7 @@ METHODS = ("target_only", "chain", "tree")
 TREE_MODES = ("static", "dynamic")
 CHILD_DRAWS = ("topk", "iid", "without_replacement")
 DTYPES = ("float32", "bfloat16", "float16")
+RANK_BY = ("draft", "predictor")
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -79,9 +80,11 @@ class TreeSearchConfig:
     max_nodes: int
     branching: List[int]
     child_draw: str
+    rank_by: str
 
     def __post_init__(self):
         _check(self.mode in TREE_MODES, "tree_search.mode", self.mode, f"one of {TREE_MODES}")
+        _check(self.rank_by in RANK_BY, "tree_search.rank_by", self.rank_by, f"one of {RANK_BY}")
         _check(self.max_depth >= 1, "tree_search.max_depth", self.max_depth, "must be >= 1")
         _check(self.max_candidates >= 1, "tree_search.max_candidates", self.max_candidates, "must be >= 1")
         _check(self.max_nodes >= 1, "tree_search.max_nodes", self.max_nodes, "node budget must be >= 1")
@@ -98,6 +101,27 @@ class TreeSearchConfig:
                    f"the static tree has {size} nodes, more than tree_search.max_nodes={self.max_nodes}")
 
 
+@dataclass
+class AffineAlignmentConfig:
+    alignment_checkpoint: Optional[str]  # a checkpoint directory, or demo:alignment; null = none
+    draft_from_aligned: bool  # propose children from the aligned distribution, not the draft's own
+
+    def __post_init__(self):
+        _check(self.alignment_checkpoint is None or isinstance(self.alignment_checkpoint, str),
+               "affine_alignment.alignment_checkpoint", self.alignment_checkpoint, "a path, demo:alignment or null")
+        _check(not self.draft_from_aligned or bool(self.alignment_checkpoint), "affine_alignment.draft_from_aligned",
+               self.draft_from_aligned, "needs affine_alignment.alignment_checkpoint")
+
+
+@dataclass
+class AcceptancePredictorConfig:
+    checkpoint: Optional[str]  # a checkpoint directory, or demo:predictor; null = none
+
+    def __post_init__(self):
+        _check(self.checkpoint is None or isinstance(self.checkpoint, str), "acceptance_predictor.checkpoint",
+               self.checkpoint, "a path, demo:predictor or null")
+
+
 def _group(name: str, cls: type):
     return field(default_factory=lambda: _structured(cls, default_config()[name], name))
 
@@ -107,6 +131,25 @@ class SpeculativeDecodingConfig:
     model: ModelConfig = _group("model", ModelConfig)
     decoding: DecodingConfig = _group("decoding", DecodingConfig)
     tree_search: TreeSearchConfig = _group("tree_search", TreeSearchConfig)
+    affine_alignment: AffineAlignmentConfig = _group("affine_alignment", AffineAlignmentConfig)
+    acceptance_predictor: AcceptancePredictorConfig = _group("acceptance_predictor", AcceptancePredictorConfig)
+
+    def __post_init__(self):
+        _check(self.tree_search.rank_by != "predictor" or bool(self.acceptance_predictor.checkpoint),
+               "tree_search.rank_by", self.tree_search.rank_by, "'predictor' needs acceptance_predictor.checkpoint")
+
+    def validate(self) -> "SpeculativeDecodingConfig":
+        """Re-check every value: configs are dataclasses that users change in place after building
+        them, so the decoder calls this at every ``generate`` (same ConfigError as at construction)."""
+        for f in fields(self):
+            group = getattr(self, f.name)
+            _check(isinstance(group, _TYPES[f.name]), f.name, type(group).__name__, f"a {_TYPES[f.name].__name__}")
+            try:
+                group.__post_init__()
+            except TypeError as e:  # e.g. a string where a number belongs
+                raise ConfigError(f"invalid config group {f.name!r}: {e}") from None
+        self.__post_init__()
+        return self
 
     @classmethod
     def from_hydra(cls, cfg: DictConfig) -> "SpeculativeDecodingConfig":
@@ -121,7 +164,8 @@ class SpeculativeDecodingConfig:
         return {f.name: OmegaConf.to_container(OmegaConf.structured(getattr(self, f.name))) for f in fields(self)}
 
 
-_TYPES = {"model": ModelConfig, "decoding": DecodingConfig, "tree_search": TreeSearchConfig}
+_TYPES = {"model": ModelConfig, "decoding": DecodingConfig, "tree_search": TreeSearchConfig,
+          "affine_alignment": AffineAlignmentConfig, "acceptance_predictor": AcceptancePredictorConfig}
 
 
 def _structured(cls: type, values, name: str):

@@ -22,8 +22,10 @@ from typing import Callable
 import torch
 
 from models.drafter import Drafter
+from models.node_features import StepContext
+from models.node_scorer import NodeScorer
 from models.sampling import draw_children
-from models.tree import DraftTree
+from models.tree import DraftTree, Expansion
 
 
 @dataclass
@@ -37,23 +39,35 @@ class TreeShape:
 
 class DraftTreeSearch:
     def __init__(self, shape: TreeShape, to_probs: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 child_draw: str = "topk"):
-        """``to_probs`` None means greedy (top-k of raw logits); else the sampling distribution."""
+                 child_draw: str = "topk", scorer: NodeScorer | None = None, rank_by: str = "draft"):
+        """``to_probs`` None means greedy (top-k of raw logits); else the sampling distribution.
+
+        ``scorer`` (optional) computes node features and, with a predictor, P(accept | parent) per
+        node as it is drafted; ``rank_by="predictor"`` then ranks the dynamic search's frontier and
+        final rerank by predicted path probability instead of the draft's cumulative log-prob.
+        """
         self.shape = shape
         self.to_probs = to_probs
         self.child_draw = child_draw if to_probs is not None else "topk"
+        self.scorer = scorer
+        self.rank_by = rank_by
+        if rank_by == "predictor" and (scorer is None or scorer.predictor is None):
+            raise ValueError("rank_by='predictor' needs an acceptance predictor")
         self.levels_run = 0  # draft forwards of the last grow()
 
     @property
     def random_draws(self) -> bool:
         return self.child_draw != "topk"
 
-    def grow(self, drafter: Drafter, root_token: int, depth: int, generator: torch.Generator | None = None) -> DraftTree:
+    def grow(self, drafter: Drafter, root_token: int, depth: int, generator: torch.Generator | None = None,
+             context: StepContext | None = None) -> DraftTree:
         """Tree of at most ``depth`` levels under ``root_token`` (depth 0: the root alone)."""
-        shape = self.shape
+        shape, scorer = self.shape, self.scorer
+        context = context or StepContext()
         tree = DraftTree.from_root(root_token)
         frontier = [0]
         path_lp = torch.zeros(1)  # [N] cumulative draft log-prob, kept in step with the tree
+        rank_score = path_lp  # [N] what the dynamic search ranks by: log path probability
         budget = shape.max_nodes
         self.levels_run = 0
         for d in range(depth):
@@ -63,37 +77,53 @@ class DraftTreeSearch:
                 if not frontier:
                     break
             logits = drafter.propose(tree, frontier).float()  # [F, V]
+            hidden = drafter.last_hidden  # [F, Hd] or None
             self.levels_run += 1
-            parents, tokens, logq = self._draw(tree, frontier, logits, width, generator)
-            new = tree.add_children(parents, tokens, logq)
+            aligned = scorer.aligned_logits(hidden) if scorer is not None and scorer.needs_aligned_logits else None
+            if scorer is not None and scorer.draft_from_aligned:
+                logits = aligned  # propose from the aligned distribution (recorded as q like any other)
+            probs = torch.softmax(logits, dim=-1) if self.to_probs is None else self.to_probs(logits)  # [F, V]
+            argmax = probs.argmax(-1)  # [F]
+            for i, node in enumerate(frontier):
+                tree.expansions[node] = Expansion(None if hidden is None else hidden[i], int(argmax[i]))
+            slot, tokens, logq = self._draw(tree, frontier, logits, probs, width, generator)
+            parents = torch.tensor(frontier, dtype=torch.long)[slot]
+            feats = accept = None
+            if scorer is not None:
+                feats, accept = scorer.score(probs, argmax, aligned, slot, tokens, logq, tree.depth[parents] + 1,
+                                             path_lp[parents], context)
+            new = tree.add_children(parents, tokens, logq, feats, accept)
             path_lp = torch.cat([path_lp, path_lp[parents] + logq])
+            if self.rank_by == "predictor":
+                rank_score = torch.cat([rank_score, rank_score[parents] + accept.clamp(min=1e-12).log()])
+            else:
+                rank_score = path_lp
             budget -= len(new)
             if shape.mode == "static" or d == depth - 1:
                 frontier = new.tolist()
             else:
-                top = torch.topk(path_lp[new], min(shape.max_candidates, len(new))).indices
+                top = torch.topk(rank_score[new], min(shape.max_candidates, len(new))).indices
                 frontier = new[top.sort().values].tolist()
         if shape.mode == "dynamic" and not self.random_draws and tree.num_drafted > shape.max_nodes:
-            # Rerank: best max_nodes by path log-prob. Along a path log-probs never increase, and on
-            # ties the stable order puts lower indices (shallower nodes) first, so ancestors win.
-            order = torch.sort(path_lp[1:], descending=True, stable=True).indices[: shape.max_nodes] + 1
+            # Rerank: best max_nodes by path score. Along a path scores never increase, and on ties
+            # the stable order puts lower indices (shallower nodes) first, so ancestors win.
+            order = torch.sort(rank_score[1:], descending=True, stable=True).indices[: shape.max_nodes] + 1
             tree, _ = tree.select(order)
         return tree
 
-    def _draw(self, tree: DraftTree, frontier: list[int], logits: torch.Tensor, width: int,
+    def _draw(self, tree: DraftTree, frontier: list[int], logits: torch.Tensor, probs: torch.Tensor, width: int,
               generator: torch.Generator | None):
-        """Children for each frontier node: (parents [M], tokens [M], log q [M])."""
+        """Children for each frontier node: (slot [M]: row of the parent in ``frontier``, tokens [M],
+        log q [M]); siblings are contiguous, in draw order."""
         if self.to_probs is None:  # greedy: top-k of the draft logits, log-probs for ranking
-            logp = torch.log_softmax(logits, dim=-1)
-            top = torch.topk(logp, width, dim=-1)  # [F, width]
-            parents = torch.tensor(frontier).repeat_interleave(width)
-            return parents, top.indices.flatten().cpu(), top.values.flatten().cpu()
-        q = self.to_probs(logits)  # [F, V]
-        parents, tokens, logq = [], [], []
+            top = torch.topk(torch.log_softmax(logits, dim=-1), width, dim=-1)  # [F, width]
+            slot = torch.arange(len(frontier)).repeat_interleave(width)
+            return slot, top.indices.flatten().cpu(), top.values.flatten().cpu()
+        slot, tokens, logq = [], [], []
         for i, node in enumerate(frontier):
-            kids = draw_children(q[i], width, self.child_draw, generator)
-            tree.draft_probs[node] = q[i]
-            parents += [node] * len(kids)
+            kids = draw_children(probs[i], width, self.child_draw, generator)
+            tree.draft_probs[node] = probs[i]
+            slot += [i] * len(kids)
             tokens.append(kids.cpu())
-            logq.append(q[i, kids].log().cpu())
-        return torch.tensor(parents, dtype=torch.long), torch.cat(tokens), torch.cat(logq)
+            logq.append(probs[i, kids].log().cpu())
+        return torch.tensor(slot, dtype=torch.long), torch.cat(tokens), torch.cat(logq)

@@ -17,7 +17,19 @@ from models.tree import DraftTree, tree_attention_mask
 
 
 class Drafter(ABC):
-    """Draft model adapter. One sequence at a time."""
+    """Draft model adapter. One sequence at a time.
+
+    After each ``propose``, ``last_hidden`` [F, Hd] holds the draft's hidden state after each of
+    the proposed nodes (the state its next-token logits come from), or None if the drafter has
+    none; the affine alignment maps it into the target's space. ``identity_module`` is the module
+    whose weights identify this draft in checkpoints made for it.
+    """
+
+    last_hidden: torch.Tensor | None = None
+
+    @property
+    def identity_module(self) -> torch.nn.Module | None:
+        return None
 
     @abstractmethod
     def prefill(self, input_ids: torch.Tensor, target_hidden: torch.Tensor | None = None) -> None:
@@ -56,6 +68,10 @@ class HFDrafter(Drafter):
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def identity_module(self) -> torch.nn.Module:
+        return self.model
+
     def prefill(self, input_ids: torch.Tensor, target_hidden: torch.Tensor | None = None) -> None:
         self.cache = new_cache(self.model)
         self.pending, self.cached_nodes = [], []
@@ -88,8 +104,9 @@ class HFDrafter(Drafter):
 
     def _forward(self, ids, pos, mask, keep: int) -> torch.Tensor:
         with torch.no_grad():
-            out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask,
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+            out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=keep, output_hidden_states=True)
+        self.last_hidden = out.hidden_states[-1][0, -keep:]  # [keep, Hd] the input of the draft's lm_head
         return out.logits[0, -keep:]  # [keep, V]
 
     def commit(self, tree: DraftTree, path: list[int], target_hidden: torch.Tensor | None = None) -> None:

@@ -230,6 +230,10 @@ class EagleDrafter(Drafter):
     def device(self) -> torch.device:
         return self.head.embed.device
 
+    @property
+    def identity_module(self) -> torch.nn.Module:
+        return self.head
+
     def prefill(self, input_ids: torch.Tensor, target_hidden: torch.Tensor | None = None) -> None:
         if target_hidden is None:
             raise ValueError("EagleDrafter.prefill needs the target's hidden states of the prompt")
@@ -259,6 +263,7 @@ class EagleDrafter(Drafter):
             self.tree_base = start + len(self.pending_tokens)
             self.pending_feats, self.pending_tokens = [], []
             self.cached_nodes, self.node_feats = [0], {0: out[0]}
+            self.last_hidden = out  # [1, H] predicted target feature: what the logits come from
             return self._expand(head.logits(out)).float()
         keys = self.cached_nodes + nodes
         node_idx = torch.tensor(nodes)
@@ -272,6 +277,7 @@ class EagleDrafter(Drafter):
         out = head(feats, toks, pos, mask=mask, use_cache=True)[0]  # [F, H]
         self.cached_nodes = keys
         self.node_feats.update(zip(nodes, out.unbind(0)))
+        self.last_hidden = out  # [F, H]
         return self._expand(head.logits(out)).float()
 
     def commit(self, tree: DraftTree, path: list[int], target_hidden: torch.Tensor | None = None) -> None:

@@ -12,6 +12,11 @@ Nodes 1..N-1 are drafted tokens in topological order (``parents[i] < i``), so an
                             drawn from; filled in sampling mode only, for lossless verification
     origin      [N] long    index of each node in the tree as the draft grew it, or None when this
                             is that tree; ``select`` keeps it, so the drafter can map paths back
+    features    [N, F]      node features known before verification (``models.node_features``;
+                            root row 0), when the search scores nodes; else None
+    accept_prob [N] float   predicted P(node accepted | parent accepted) (root 1), with a predictor
+    expansions  {node: Expansion} the draft's hidden state and argmax at each expanded node (what
+                            its children were drafted from; the alignment's training pairs)
 
 Tree attention: the verify pass feeds all N nodes at once with ``position_ids = prefix_len +
 depth`` and a 4-D mask in which the cached prefix is fully visible and each node sees its
@@ -26,6 +31,14 @@ import torch
 
 
 @dataclass
+class Expansion:
+    """What the draft computed at a node it expanded: the state its children were drafted from."""
+
+    hidden: torch.Tensor | None  # [Hd] the draft's hidden state (None if the drafter exposes none)
+    argmax: int  # the draft's most likely next token there
+
+
+@dataclass
 class DraftTree:
     tokens: torch.Tensor  # [N] long
     parents: torch.Tensor  # [N] long
@@ -33,6 +46,9 @@ class DraftTree:
     logprobs: torch.Tensor  # [N] float32
     draft_probs: dict[int, torch.Tensor] = field(default_factory=dict)
     origin: torch.Tensor | None = None
+    features: torch.Tensor | None = None  # [N, F]
+    accept_prob: torch.Tensor | None = None  # [N]
+    expansions: dict[int, Expansion] = field(default_factory=dict)
     _anc: torch.Tensor | None = field(default=None, repr=False, compare=False)  # ancestor_matrix cache
 
     # ------------------------------------------------------------------ construction
@@ -46,9 +62,21 @@ class DraftTree:
             logprobs=torch.zeros(1, dtype=torch.float32, device=device),
         )
 
-    def add_children(self, parents: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-        """Append children (``parents[j]`` must already be nodes); returns their new indices [M]."""
+    def add_children(self, parents: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor,
+                     features: torch.Tensor | None = None, accept_prob: torch.Tensor | None = None) -> torch.Tensor:
+        """Append children (``parents[j]`` must already be nodes); returns their new indices [M].
+
+        ``features`` [M, F] and ``accept_prob`` [M] are given for every level or for none.
+        """
         start = len(self)
+        if features is not None:
+            if self.features is None:
+                self.features = torch.zeros(start, features.shape[1])
+            self.features = torch.cat([self.features, features.float().cpu()])
+        if accept_prob is not None:
+            if self.accept_prob is None:
+                self.accept_prob = torch.ones(start)
+            self.accept_prob = torch.cat([self.accept_prob, accept_prob.float().cpu()])
         parents = parents.to(self.parents.device, torch.long)
         if self._anc is not None and self._anc.shape[0] == start:  # extend the cached ancestor matrix
             m = len(parents)
@@ -79,6 +107,19 @@ class DraftTree:
         parents = self.parents.tolist()
         for i in range(1, len(self)):
             cum[i] += cum[parents[i]]
+        return cum
+
+    def path_probs(self) -> torch.Tensor:
+        """Probability that each node is accepted, [N]: the product along its path of the predicted
+        conditional acceptance ``accept_prob`` when a predictor scored the tree, else of the draft's
+        own probabilities (exp of the cumulative draft log-prob). Root = 1. The expected number of
+        accepted draft tokens of a tree is the sum over its drafted nodes."""
+        if self.accept_prob is None:
+            return self.path_logprobs().exp()
+        cum = self.accept_prob.clone()
+        parents = self.parents.tolist()
+        for i in range(1, len(self)):
+            cum[i] *= cum[parents[i]]
         return cum
 
     def children(self, node: int) -> list[int]:
@@ -149,8 +190,13 @@ class DraftTree:
         parents = self.parents[old_index]
         parents = torch.where(parents >= 0, new_of_old[parents.clamp(min=0)], parents)
         probs = {int(new_of_old[k]): v for k, v in self.draft_probs.items() if mask[k]}
+        expansions = {int(new_of_old[k]): v for k, v in self.expansions.items() if mask[k]}
         origin = old_index if self.origin is None else self.origin[old_index]
-        tree = DraftTree(self.tokens[old_index], parents, self.depth[old_index], self.logprobs[old_index], probs, origin)
+        cpu = old_index.cpu()
+        tree = DraftTree(self.tokens[old_index], parents, self.depth[old_index], self.logprobs[old_index], probs, origin,
+                         features=None if self.features is None else self.features[cpu],
+                         accept_prob=None if self.accept_prob is None else self.accept_prob[cpu],
+                         expansions=expansions)
         return tree, old_index
 
     def grown_index(self, nodes: list[int]) -> list[int]:

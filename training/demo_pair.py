@@ -43,7 +43,25 @@ MARKER = "treespec.json"
 DEMO_TARGET = "demo:target"
 DEMO_DRAFT = "demo:draft"  # the shipped EAGLE-style head
 DEMO_DRAFT_LM = "demo:draft-lm"  # the quick small-LM draft, built on first use
-SHIPPED_DRAFT = Path(__file__).resolve().parents[1] / "models" / "checkpoints" / "smollm2-135m-eagle"
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
+SHIPPED_DRAFT = CHECKPOINTS / "smollm2-135m-eagle"
+# The shipped alignment / acceptance predictor of each demo draft: demo:alignment, demo:predictor.
+_SHIPPED_LEARNED = {DEMO_DRAFT: "smollm2-135m-eagle", DEMO_DRAFT_LM: "smollm2-135m-draft-lm"}
+
+
+def shipped_checkpoint(kind: str, draft_name: str | None) -> Path:
+    """The shipped ``kind`` ("alignment" | "predictor") checkpoint made for the demo draft ``draft_name``."""
+    from models.errors import ConfigError
+
+    if draft_name not in _SHIPPED_LEARNED:
+        raise ConfigError(f"demo:{kind} names the checkpoint shipped for a demo draft ({sorted(_SHIPPED_LEARNED)}), "
+                          f"but the draft is {draft_name!r}: give a checkpoint directory made for this pair "
+                          f"(scripts/collect_traces.py, then scripts/train_{kind}.py)")
+    path = CHECKPOINTS / f"{_SHIPPED_LEARNED[draft_name]}-{kind}"
+    if not path.is_dir():
+        raise ModelLoadError(f"the shipped demo {kind} checkpoint {path} is missing; remake it with "
+                             f"scripts/collect_traces.py and scripts/train_{kind}.py (README: the learned core)")
+    return path
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -1,0 +1,44 @@
+"""Collect verification traces (node features + conditional labels + alignment pairs), resumable.
+
+    python scripts/collect_traces.py                                    # demo pair, train-only prompts
+    python scripts/collect_traces.py model.draft_model_name=demo:draft-lm
+    python scripts/collect_traces.py collect_traces.files=[spec_bench.jsonl] collect_traces.allow_eval=true \
+        collect_traces.tag=spec_bench collect_traces.num_prompts=20         # shift evaluation only
+    python scripts/collect_traces.py logger=wandb
+
+Prints the trace directory; pass it to scripts/train_alignment.py and scripts/train_predictor.py.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from training.tracking import start_run  # noqa: E402
+from training.traces import load_traces, run_collect  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> float:
+    logging.getLogger("training").setLevel(logging.INFO)
+    tracker = start_run(cfg, "collect_traces")
+    try:
+        out = run_collect(cfg, tracker)
+        traces = load_traces(out)
+        summary = {"nodes": int(traces["label"].numel()), "pairs": int(traces["target_next"].numel()),
+                   "prompts": len(traces["meta"]["prompt_ids"]), "positive_rate": float(traces["label"].mean())}
+        tracker.log({f"traces/{k}": v for k, v in summary.items()})
+    finally:
+        tracker.finish()
+    print(f"traces: {out}")
+    for k, v in summary.items():
+        print(f"  {k}: {v}")
+    return summary["nodes"]
+
+
+if __name__ == "__main__":
+    main()
