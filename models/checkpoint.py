@@ -41,7 +41,7 @@ def fingerprint(module: torch.nn.Module) -> dict:
     with torch.no_grad():
         for p in params[: SIGNATURE_SIZE // 8] + params[-(SIGNATURE_SIZE // 8):]:
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, 4, device=flat.device).long()
+            idx = (torch.arange(4, device=flat.device) * (flat.numel() - 1)) // 3  # exact integers
             sig += flat[idx].float().cpu().tolist()
     digest = hashlib.sha256(json.dumps([type(module).__name__, config, n], sort_keys=True).encode()).hexdigest()[:16]
     return {"class": type(module).__name__, "config": config, "num_parameters": n,
