@@ -14,6 +14,9 @@ class _NoTracker:
     def log(self, metrics: dict, step: int | None = None) -> None:
         pass
 
+    def log_image(self, key: str, path) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -29,6 +32,11 @@ class _WandbTracker:
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         self.run.log(metrics, step=step)
+
+    def log_image(self, key: str, path) -> None:
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path))})
 
     def finish(self) -> None:
         self.run.finish()
