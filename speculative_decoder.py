@@ -164,7 +164,17 @@ class SpeculativeDecoder:
             else context_length(target)
         self.eos_ids = eos_token_ids(target, tokenizer)
         self.last_stats: GenerationStats | None = None
-        self.alignment, self.predictor = self._load_learned(config)
+        self._learned_key, self._learned_cache = None, {}
+        self._sync_learned()
+
+    def _sync_learned(self) -> None:
+        """(Re)load the alignment and predictor when the config names others than those loaded
+        (configs are changed in place; null unloads)."""
+        key = (self.config.affine_alignment.alignment_checkpoint, self.config.acceptance_predictor.checkpoint,
+               self.config.model.draft_model_name)
+        if key != self._learned_key:
+            self.alignment, self.predictor = self._load_learned(self.config)
+            self._learned_key = key
 
     def _load_learned(self, config: SpeculativeDecodingConfig):
         """The alignment and acceptance predictor named in the config, checked against this pair."""
@@ -178,12 +188,18 @@ class SpeculativeDecoder:
             from models.affine_alignment import load_alignment
 
             path = resolve_checkpoint(a.alignment_checkpoint, "alignment", draft_name)
-            alignment = load_alignment(path, target=self.target_model, draft=draft_module, device=self.device)
+            if ("alignment", path) not in self._learned_cache:
+                self._learned_cache["alignment", path] = load_alignment(path, target=self.target_model,
+                                                                        draft=draft_module, device=self.device)
+            alignment = self._learned_cache["alignment", path]
         if p.checkpoint:
             from models.acceptance_predictor import load_predictor
 
             path = resolve_checkpoint(p.checkpoint, "predictor", draft_name)
-            predictor = load_predictor(path, target=self.target_model, draft=draft_module, device=self.device)
+            if ("predictor", path) not in self._learned_cache:
+                self._learned_cache["predictor", path] = load_predictor(path, target=self.target_model,
+                                                                        draft=draft_module, device=self.device)
+            predictor = self._learned_cache["predictor", path]
             if predictor.uses_alignment and alignment is None:
                 raise ConfigError(f"the acceptance predictor {path} reads aligned features: also set "
                                   "affine_alignment.alignment_checkpoint (e.g. affine_alignment=demo)")
@@ -237,6 +253,7 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------ the decode loop
     def _run(self, input_ids, max_new_tokens, overrides, on_step=None) -> Iterator[tuple[torch.Tensor, GenerationStats]]:
         self.config.validate()  # configs are changed in place: check at use, not only when built
+        self._sync_learned()
         cfg = self._decoding(overrides)
         max_new = cfg.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if max_new < 1:

@@ -46,7 +46,8 @@ def run(cfg: DictConfig) -> dict:
         print(f"\n== temperature {temperature} ({'sampling' if temperature > 0 else 'greedy'}), "
               f"{b.num_prompts} prompts x {b.max_new_tokens} new tokens ==", flush=True)
         out = run_benchmark(decoder, prompts, list(b.methods), b.max_new_tokens, b.max_prompt_tokens,
-                            b.warmup_prompts, decoding, assistant=assistant)
+                            b.warmup_prompts, decoding, assistant=assistant,
+                            variants=OmegaConf.to_container(b.variants) if b.get("variants") else None)
         result["runs"][str(temperature)] = out
         print(format_table(out["rows"]), flush=True)
         tracker.log({f"T{temperature}/{m}/{k}": v for m, r in out["rows"].items() for k, v in r.items()
