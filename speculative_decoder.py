@@ -11,10 +11,10 @@ One decode step (``_decode``), as in DESIGN.md section 2:
   1. draft a tree under the root (one draft forward per level, tree mask, draft KV cache)
   2. align + predict, inside the search as nodes are drafted (``NodeScorer``): node features, the
      aligned distribution, P(accept | parent accepted); ``rank_by=predictor`` ranks nodes by it
+  3. prune: ``TreePruner`` keeps the nodes worth verifying (closed under ancestors)
   4. verify: one target forward over root + nodes (4-D mask + position_ids); greedy or rejection sampling
   5. commit: both caches keep prefix + accepted path; the emitted next token becomes the new root
   6. stop on EOS inside the emitted tokens, at max_new_tokens exactly, or at the context limit
-(step 3, pruning, plugs in between 2 and 4.)
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from models.verification import verify_greedy, verify_sampling
 
 __all__ = ["SpeculativeDecoder", "SpeculativeDecodingConfig", "GenerationStats", "load_model", "load_tokenizer"]
 
-PHASES = ("prefill", "draft", "score", "verify", "commit", "other")
+PHASES = ("prefill", "draft", "score", "prune", "verify", "commit", "other")
 
 
 @dataclass
@@ -53,6 +53,7 @@ class GenerationStats:
     target_forwards: int = 0  # prefill included
     steps: int = 0  # verify forwards (each emits accepted drafts + one target token)
     drafted_tokens: int = 0  # tree nodes sent to verification, roots excluded
+    nodes_drafted: int = 0  # tree nodes the draft proposed, before pruning
     accepted_tokens: int = 0  # drafted tokens the target kept
     draft_forwards: int = 0
     # Sum over verified nodes of their path probability (predicted when a predictor is loaded, else
@@ -76,12 +77,18 @@ class GenerationStats:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
+    def pruned_fraction(self) -> float:
+        """Share of drafted nodes the pruner cut before verification."""
+        return 1 - self.drafted_tokens / self.nodes_drafted if self.nodes_drafted else 0.0
+
+    @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.total_time_s if self.total_time_s > 0 else 0.0
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(mean_accepted_length=self.mean_accepted_length, acceptance_rate=self.acceptance_rate,
+                 pruned_fraction=self.pruned_fraction,
                  tokens_per_s=self.tokens_per_s, total_time_s=self.total_time_s)
         return d
 
@@ -276,6 +283,9 @@ class SpeculativeDecoder:
             to_probs = partial(logits_to_probs, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         search = self._search(cfg, to_probs, features=on_step is not None) if cfg.method != "target_only" else None
         scored = search is not None and search.scorer is not None
+        pruner = self._pruner() if cfg.method == "tree" else None
+        if pruner is not None and pruner.strategy == "cost_aware":
+            search.stop_rule = lambda tree, frontier, widths: pruner.stop_drafting(tree, frontier, pruner.cost.draft_total(widths))
         limit = min(max_new, self.context_limit - input_ids.shape[1])  # new tokens we may emit
 
         # 0. Prefill: the target's last logits give the first token (the first root).
@@ -311,6 +321,12 @@ class SpeculativeDecoder:
             else:
                 tree = DraftTree.from_root(root)
                 timer.lap("draft")
+            # 3. Prune: the sub-tree worth verifying (closed under ancestors).
+            stats.nodes_drafted += tree.num_drafted
+            if pruner is not None and tree.num_drafted:
+                draft_ms = pruner.cost.draft_total(search.level_widths) if pruner.cost is not None else 0.0
+                tree = pruner.prune(tree, search.random_draws, draft_ms).tree
+                timer.lap("prune")
             # 4. Verify: one target forward over root + nodes.
             prefix = cache_length(cache)
             logits, hidden = self._target_tree_forward(tree, prefix, cache, want_hidden)  # [N, V], [N, H]
@@ -319,6 +335,8 @@ class SpeculativeDecoder:
             else:
                 path, nxt = verify_sampling(tree, logits, to_probs, search.child_draw if search else "topk", generator)
             timer.lap("verify")
+            if pruner is not None and tree.num_drafted:
+                pruner.observe(float(tree.path_probs()[1:].sum()), len(path) - 1)
             step_context = context
             if scored:  # what the next step's features know: the target's distribution here
                 context = self._context(logits[path[-1]], to_probs, len(path) - 1)
@@ -402,6 +420,37 @@ class SpeculativeDecoder:
             scorer = NodeScorer(self.alignment, self.predictor, lm_head, from_aligned)
         rank_by = t.rank_by if cfg.method == "tree" else "draft"
         return DraftTreeSearch(shape, to_probs, t.child_draw, scorer, rank_by)
+
+    def _pruner(self):
+        """A fresh TreePruner per generate call (its adaptive state starts over, so a seeded call
+        is reproducible); the cost profile is loaded or measured once per decoder."""
+        from models.tree_pruner import TreePruner
+
+        p = self.config.pruning
+        if p.strategy == "none":
+            return None
+        cost = None
+        if p.strategy == "cost_aware":
+            cost = self._cost_model(p.cost_profile)
+        return TreePruner(p, cost)
+
+    def _cost_model(self, path: str | None):
+        key = ("cost", path)
+        if key not in self._learned_cache:
+            from models.cost_model import CostModel
+            from training.profile_costs import load_or_profile
+
+            if path:
+                try:
+                    self._learned_cache[key] = CostModel.from_json(Path(path).expanduser().read_text())
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    raise ModelLoadError(f"cost profile {path} is unreadable: {e}; remake it with "
+                                         "scripts/profile_costs.py") from None
+            else:
+                from training.demo_pair import cache_root
+
+                self._learned_cache[key] = load_or_profile(self, cache_root(self.config.model.cache_dir) / "costs")
+        return self._learned_cache[key]
 
     @staticmethod
     def _context(logits: torch.Tensor, to_probs, accepted: int) -> StepContext:

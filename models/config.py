@@ -25,6 +25,7 @@ TREE_MODES = ("static", "dynamic")
 CHILD_DRAWS = ("topk", "iid", "without_replacement")
 DTYPES = ("float32", "bfloat16", "float16")
 RANK_BY = ("draft", "predictor")
+PRUNING_STRATEGIES = ("none", "threshold", "adaptive", "level", "ratio", "budget", "cost_aware")
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -102,6 +103,28 @@ class TreeSearchConfig:
 
 
 @dataclass
+class PruningConfig:
+    strategy: str
+    min_acceptance_prob: float
+    level_topk: int
+    pruning_ratio: float
+    max_verify_nodes: int
+    adaptive_pruning: bool
+    adaptive_rate: float
+    cost_profile: Optional[str]
+
+    def __post_init__(self):
+        _check(self.strategy in PRUNING_STRATEGIES, "pruning.strategy", self.strategy, f"one of {PRUNING_STRATEGIES}")
+        _check(0 <= self.min_acceptance_prob <= 1, "pruning.min_acceptance_prob", self.min_acceptance_prob, "in [0, 1]")
+        _check(self.level_topk >= 1, "pruning.level_topk", self.level_topk, "must be >= 1")
+        _check(0 <= self.pruning_ratio < 1, "pruning.pruning_ratio", self.pruning_ratio, "in [0, 1)")
+        _check(self.max_verify_nodes >= 1, "pruning.max_verify_nodes", self.max_verify_nodes, "must be >= 1")
+        _check(0 < self.adaptive_rate <= 5, "pruning.adaptive_rate", self.adaptive_rate, "in (0, 5]")
+        _check(not self.adaptive_pruning or self.strategy in ("threshold", "adaptive"), "pruning.adaptive_pruning",
+               self.adaptive_pruning, "adapts the threshold: use it with strategy threshold (or strategy adaptive)")
+
+
+@dataclass
 class AffineAlignmentConfig:
     alignment_checkpoint: Optional[str]  # a checkpoint directory, or demo:alignment; null = none
     draft_from_aligned: bool  # propose children from the aligned distribution, not the draft's own
@@ -133,10 +156,15 @@ class SpeculativeDecodingConfig:
     tree_search: TreeSearchConfig = _group("tree_search", TreeSearchConfig)
     affine_alignment: AffineAlignmentConfig = _group("affine_alignment", AffineAlignmentConfig)
     acceptance_predictor: AcceptancePredictorConfig = _group("acceptance_predictor", AcceptancePredictorConfig)
+    pruning: PruningConfig = _group("pruning", PruningConfig)
 
     def __post_init__(self):
         _check(self.tree_search.rank_by != "predictor" or bool(self.acceptance_predictor.checkpoint),
                "tree_search.rank_by", self.tree_search.rank_by, "'predictor' needs acceptance_predictor.checkpoint")
+        _check(self.pruning.strategy != "cost_aware" or self.tree_search.child_draw == "topk" or not self.decoding.do_sample
+               or self.decoding.temperature == 0, "pruning.strategy", self.pruning.strategy,
+               "cost_aware sizes trees by per-node values, which would bias randomly drawn children "
+               f"(tree_search.child_draw={self.tree_search.child_draw!r}); use child_draw=topk or another strategy")
 
     def validate(self) -> "SpeculativeDecodingConfig":
         """Re-check every value: configs are dataclasses that users change in place after building
@@ -165,7 +193,8 @@ class SpeculativeDecodingConfig:
 
 
 _TYPES = {"model": ModelConfig, "decoding": DecodingConfig, "tree_search": TreeSearchConfig,
-          "affine_alignment": AffineAlignmentConfig, "acceptance_predictor": AcceptancePredictorConfig}
+          "affine_alignment": AffineAlignmentConfig, "acceptance_predictor": AcceptancePredictorConfig,
+          "pruning": PruningConfig}
 
 
 def _structured(cls: type, values, name: str):

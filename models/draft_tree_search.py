@@ -54,6 +54,10 @@ class DraftTreeSearch:
         if rank_by == "predictor" and (scorer is None or scorer.predictor is None):
             raise ValueError("rank_by='predictor' needs an acceptance predictor")
         self.levels_run = 0  # draft forwards of the last grow()
+        self.level_widths: list[int] = []  # frontier width of each draft forward of the last grow()
+        # Optional early stop (cost-aware pruning): stop_rule(tree, frontier, level_widths) -> True
+        # stops before drafting another level.
+        self.stop_rule = None
 
     @property
     def random_draws(self) -> bool:
@@ -69,8 +73,10 @@ class DraftTreeSearch:
         path_lp = torch.zeros(1)  # [N] cumulative draft log-prob, kept in step with the tree
         rank_score = path_lp  # [N] what the dynamic search ranks by: log path probability
         budget = shape.max_nodes
-        self.levels_run = 0
+        self.levels_run, self.level_widths = 0, []
         for d in range(depth):
+            if d > 0 and self.stop_rule is not None and self.stop_rule(tree, frontier, self.level_widths):
+                break
             width = shape.branching[d] if shape.mode == "static" else shape.max_candidates
             if shape.mode == "dynamic" and self.random_draws:
                 frontier = frontier[: max(0, budget // width)]  # whole sibling groups only
@@ -79,6 +85,7 @@ class DraftTreeSearch:
             logits = drafter.propose(tree, frontier).float()  # [F, V]
             hidden = drafter.last_hidden  # [F, Hd] or None
             self.levels_run += 1
+            self.level_widths.append(len(frontier))
             aligned = scorer.aligned_logits(hidden) if scorer is not None and scorer.needs_aligned_logits else None
             if scorer is not None and scorer.draft_from_aligned:
                 logits = aligned  # propose from the aligned distribution (recorded as q like any other)

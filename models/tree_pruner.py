@@ -1,0 +1,161 @@
+"""TreePruner: step 3 of the decode loop. Which drafted nodes the target verifies.
+
+Every strategy scores nodes by their *path probability* (``DraftTree.path_probs``): the product of
+the predictor's P(accept | parent accepted) along the path when a predictor scored the tree, else of
+the draft's own probabilities. Path probabilities never increase along a path, so the top nodes by
+path probability (ties: shallower first) are closed under ancestors, and the expected number of
+accepted draft tokens of a kept set is the sum of its path probabilities (DESIGN.md section 6).
+
+    none        keep everything
+    threshold   keep nodes whose path probability >= min_acceptance_prob
+    adaptive    threshold, moved online: up when fewer tokens are accepted than the kept nodes'
+                path probabilities promised, down when more (also: threshold + adaptive_pruning)
+    level       keep the level_topk most likely nodes of each depth
+    ratio       cut pruning_ratio of the drafted nodes, least likely first
+    budget      keep the max_verify_nodes most likely
+    cost_aware  keep the k most likely, k maximising (expected accepted + 1) / (draft + verify(k + 1))
+                on the measured cost profile; the search also stops drafting deeper when another
+                level is expected to earn less than it costs
+
+Losslessness. Greedy and deterministic top-k children: any selection closed under ancestors is
+safe (``DraftTree.select``). Random child draws (``iid``, ``without_replacement``): dropping drawn
+siblings by their own values would bias the proposal, so nodes are kept or dropped by whole sibling
+groups, ranked by the parent's path probability (known before the group was drawn). ``cost_aware``
+needs per-node values to size the tree and is refused with random draws.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from models.tree import DraftTree
+
+STRATEGIES = ("none", "threshold", "adaptive", "level", "ratio", "budget", "cost_aware")
+
+
+@dataclass
+class PruneResult:
+    tree: DraftTree
+    drafted: int  # nodes before pruning (root excluded)
+    verified: int  # nodes kept
+    expected: float  # sum of the kept nodes' path probabilities
+
+
+class TreePruner:
+    def __init__(self, cfg, cost=None):
+        """``cfg``: a PruningConfig; ``cost``: a ``models.cost_model.CostModel`` (cost_aware only)."""
+        self.cfg = cfg
+        self.strategy = "adaptive" if cfg.strategy == "threshold" and cfg.adaptive_pruning else cfg.strategy
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown pruning strategy {cfg.strategy!r}; one of {STRATEGIES}")
+        if self.strategy == "cost_aware" and cost is None:
+            raise ValueError("pruning.strategy=cost_aware needs a cost profile")
+        self.cost = cost
+        self.threshold = float(cfg.min_acceptance_prob)
+
+    # ------------------------------------------------------------------ step 3
+    def prune(self, tree: DraftTree, random_draws: bool = False, draft_ms: float = 0.0) -> PruneResult:
+        """The sub-tree to verify (closed under ancestors; whole sibling groups with random draws)."""
+        n = tree.num_drafted
+        pp = tree.path_probs()  # [N], root 1
+        if self.strategy == "none" or n == 0:
+            return PruneResult(tree, n, n, float(pp[1:].sum()))
+        if random_draws:
+            if self.strategy == "cost_aware":
+                raise ValueError("pruning.strategy=cost_aware sizes trees by per-node values, which would bias "
+                                 "randomly drawn children; use child_draw=topk, or threshold/budget/ratio/level")
+            keep = self._keep_groups(tree, pp)
+        else:
+            keep = self._keep_nodes(tree, pp, draft_ms)
+        kept, _ = tree.select(keep)
+        return PruneResult(kept, n, kept.num_drafted, float(kept.path_probs()[1:].sum()))
+
+    def _order(self, tree: DraftTree, pp: torch.Tensor) -> torch.Tensor:
+        """Drafted nodes, most likely first; ties: shallower first, then earlier (ancestors first)."""
+        idx = torch.arange(1, len(tree))
+        key = torch.stack([-pp[1:].double(), tree.depth[1:].double().cpu(), idx.double()], 1)
+        order = sorted(range(len(idx)), key=lambda i: tuple(key[i].tolist()))
+        return idx[order]
+
+    def _keep_nodes(self, tree: DraftTree, pp: torch.Tensor, draft_ms: float) -> list[int]:
+        c, s = self.cfg, self.strategy
+        order = self._order(tree, pp)
+        if s in ("threshold", "adaptive"):
+            return [int(i) for i in order if pp[i] >= self.threshold]
+        if s == "budget":
+            return order[: c.max_verify_nodes].tolist()
+        if s == "ratio":
+            return order[: len(order) - int(math.floor(c.pruning_ratio * len(order)))].tolist()
+        if s == "level":
+            per_depth: dict[int, int] = {}
+            keep = []
+            for i in order.tolist():
+                d = int(tree.depth[i])
+                if per_depth.get(d, 0) < c.level_topk:
+                    per_depth[d] = per_depth.get(d, 0) + 1
+                    keep.append(i)
+            return keep
+        # cost_aware: the k most likely nodes, k by the measured cost of verifying k + 1 tokens
+        cum = [0.0] + pp[order].double().cumsum(0).tolist()
+        k = self.cost.best_size(cum, draft_ms)
+        return order[:k].tolist()
+
+    def _keep_groups(self, tree: DraftTree, pp: torch.Tensor) -> list[int]:
+        """Whole sibling groups, by the parent's path probability; a group needs its parent kept."""
+        c, s = self.cfg, self.strategy
+        groups = tree.children_lists()  # {parent: children}
+        parents = sorted(groups, key=lambda u: (-float(pp[u]), int(tree.depth[u]), u))
+        total = tree.num_drafted
+        kept_nodes, keep, per_depth = {0}, [], {}
+        for u in parents:
+            kids = groups[u]
+            if u not in kept_nodes:
+                continue
+            d = int(tree.depth[u]) + 1
+            if s in ("threshold", "adaptive") and pp[u] < self.threshold:
+                continue
+            if s == "budget" and len(keep) + len(kids) > c.max_verify_nodes:
+                continue
+            if s == "ratio" and len(keep) + len(kids) > total - math.floor(c.pruning_ratio * total):
+                continue
+            if s == "level" and per_depth.get(d, 0) + len(kids) > c.level_topk:
+                continue
+            per_depth[d] = per_depth.get(d, 0) + len(kids)
+            keep += kids
+            kept_nodes.update(kids)
+        return keep
+
+    # ------------------------------------------------------------------ online feedback
+    def observe(self, expected: float, realised: int) -> None:
+        """Adaptive threshold: multiplicative step toward accepting what the kept nodes promise."""
+        if self.strategy != "adaptive" or expected <= 0:
+            return
+        step = self.cfg.adaptive_rate * (expected - realised) / max(expected, 1.0)
+        self.threshold = min(0.9, max(1e-4, self.threshold * math.exp(step)))
+
+    # ------------------------------------------------------------------ early stop while drafting
+    def stop_drafting(self, tree: DraftTree, frontier: list[int], draft_ms: float) -> bool:
+        """cost_aware only: stop when one more level is expected to earn less than it costs.
+
+        Gain of another level ~ each frontier node's path probability times the conditional
+        acceptance of the best child seen at the current depth; its cost = one more draft level plus
+        verifying the extra nodes. Compared as tokens per ms with and without the level.
+        """
+        if self.strategy != "cost_aware" or not frontier or tree.num_drafted == 0:
+            return False
+        pp = tree.path_probs()
+        order = self._order(tree, pp)
+        cum = [0.0] + pp[order].double().cumsum(0).tolist()
+        k = self.cost.best_size(cum, draft_ms)
+        now = (cum[k] + 1) / (draft_ms + self.cost.verify(k + 1))
+        depth = int(tree.depth[frontier[0]])
+        at_depth = (tree.depth == depth).nonzero().flatten()
+        cond = tree.accept_prob[at_depth] if tree.accept_prob is not None else tree.logprobs[at_depth].exp()
+        best = float(cond.max()) if len(cond) else 0.0
+        gain = float(pp[frontier].sum()) * best
+        # one more level drafts the frontier; at best one kept child per frontier node
+        later = (cum[k] + gain + 1) / (draft_ms + self.cost.draft(len(frontier)) + self.cost.verify(k + 1 + len(frontier)))
+        return later <= now
