@@ -79,7 +79,10 @@ class DraftTreeSearch:
                 break
             width = shape.branching[d] if shape.mode == "static" else shape.max_candidates
             if shape.mode == "dynamic" and self.random_draws:
-                frontier = frontier[: max(0, budget // width)]  # whole sibling groups only
+                keep = max(0, budget // width)  # whole sibling groups only: the best-ranked parents
+                if len(frontier) > keep:
+                    best = torch.topk(rank_score[frontier], keep).indices.sort().values
+                    frontier = [frontier[i] for i in best.tolist()]
                 if not frontier:
                     break
             logits = drafter.propose(tree, frontier).float()  # [F, V]
