@@ -136,6 +136,7 @@ def _atomic(dest: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are shared artefacts
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

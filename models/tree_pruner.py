@@ -11,7 +11,8 @@ accepted draft tokens of a kept set is the sum of its path probabilities (DESIGN
     adaptive    threshold, moved online: up when fewer tokens are accepted than the kept nodes'
                 path probabilities promised, down when more (also: threshold + adaptive_pruning)
     level       keep the level_topk most likely nodes of each depth
-    ratio       cut pruning_ratio of the drafted nodes, least likely first
+    ratio       cut pruning_ratio of the drafted nodes, least likely first (random draws: depth by
+                depth, see ``_keep_groups``)
     budget      keep the max_verify_nodes most likely
     cost_aware  keep the k most likely, k maximising (expected accepted + 1) / (draft + verify(k + 1))
                 on the measured cost profile; the search also stops drafting deeper when another
@@ -90,12 +91,16 @@ class TreePruner:
         if s == "ratio":
             return order[: len(order) - int(math.floor(c.pruning_ratio * len(order)))].tolist()
         if s == "level":
+            # Most likely first, so a parent is decided before its children; a node whose parent
+            # was cut is cut too (else ``select`` would pull the parent back in, past level_topk).
             per_depth: dict[int, int] = {}
-            keep = []
+            kept, keep = {0}, []
+            parents = tree.parents.tolist()
             for i in order.tolist():
                 d = int(tree.depth[i])
-                if per_depth.get(d, 0) < c.level_topk:
+                if parents[i] in kept and per_depth.get(d, 0) < c.level_topk:
                     per_depth[d] = per_depth.get(d, 0) + 1
+                    kept.add(i)
                     keep.append(i)
             return keep
         # cost_aware: the k most likely nodes, k by the measured cost of verifying k + 1 tokens
@@ -104,22 +109,40 @@ class TreePruner:
         return order[:k].tolist()
 
     def _keep_groups(self, tree: DraftTree, pp: torch.Tensor) -> list[int]:
-        """Whole sibling groups, by the parent's path probability; a group needs its parent kept."""
+        """Whole sibling groups, by the parent's path probability; a group needs its parent kept.
+
+        Whether a group is kept may depend on nothing drawn in it or below it. ``ratio`` therefore
+        cannot cap against all drafted nodes: how many children a node below got depends on what was
+        drawn (without replacement, a draft distribution with fewer tokens than the width gives fewer
+        children). It goes depth by depth instead: groups whose parent is at depth d must fit within
+        the cut of the nodes drafted down to depth d + 1 (all of them at the last depth); the root's
+        group always stays.
+        """
         c, s = self.cfg, self.strategy
         groups = tree.children_lists()  # {parent: children}
-        parents = sorted(groups, key=lambda u: (-float(pp[u]), int(tree.depth[u]), u))
-        total = tree.num_drafted
+        depth = tree.depth.tolist()
+        if s == "ratio":
+            parents = sorted(groups, key=lambda u: (depth[u], -float(pp[u]), u))
+            upto: dict[int, int] = {}  # parent depth d -> nodes drafted at depths <= d + 1
+            for u, kids in groups.items():
+                upto[depth[u]] = upto.get(depth[u], 0) + len(kids)
+            running = 0
+            for d in sorted(upto):
+                running += upto[d]
+                upto[d] = running - math.floor(c.pruning_ratio * running)
+        else:
+            parents = sorted(groups, key=lambda u: (-float(pp[u]), depth[u], u))
         kept_nodes, keep, per_depth = {0}, [], {}
         for u in parents:
             kids = groups[u]
             if u not in kept_nodes:
                 continue
-            d = int(tree.depth[u]) + 1
+            d = depth[u] + 1
             if s in ("threshold", "adaptive") and pp[u] < self.threshold:
                 continue
             if s == "budget" and len(keep) + len(kids) > c.max_verify_nodes:
                 continue
-            if s == "ratio" and len(keep) + len(kids) > total - math.floor(c.pruning_ratio * total):
+            if s == "ratio" and u != 0 and len(keep) + len(kids) > upto[depth[u]]:
                 continue
             if s == "level" and per_depth.get(d, 0) + len(kids) > c.level_topk:
                 continue
