@@ -107,3 +107,22 @@ def test_train_draft_then_eval_draft_then_benchmark_cli(tiny_pair_dirs, tmp_path
     result = json.loads(next(tmp_path.glob("benchmark-*.json")).read_text())
     assert all(r["identical"] == 2 for r in next(iter(result["runs"].values()))["rows"].values())
     assert result["assistant"] == str(tiny_pair_dirs / "draft")
+
+
+def test_benchmark_variants_run_in_the_same_run(default_config):
+    """benchmark.variants: extra tree runs with changed config groups, restored afterwards."""
+    from training.benchmark import run_benchmark
+    from speculative_decoder import SpeculativeDecoder
+
+    target = tiny_model("llama")
+    decoder = SpeculativeDecoder.from_models(target, tiny_model("llama", seed=1), tiny_tokenizer(), default_config)
+    before = decoder.config.tree_search.max_nodes
+    prompts = [{"id": f"p{i}", "prompt": f"w{i + 5} w7"} for i in range(3)]
+    out = run_benchmark(decoder, prompts, ["target_only", "tree"], 10, 64, 1, {"do_sample": False}, log=lambda *_: None,
+                        variants={"big": {"tree_search": {"max_nodes": 12, "max_depth": 4}},
+                                  "pruned": {"pruning": {"strategy": "budget", "max_verify_nodes": 2}}})
+    rows = out["rows"]
+    assert set(rows) == {"target_only", "tree", "big", "pruned"}
+    assert all(r["identical"] == 2 for r in rows.values())
+    assert rows["pruned"]["nodes_per_step"] <= 2
+    assert decoder.config.tree_search.max_nodes == before and decoder.config.pruning.strategy == "none"
