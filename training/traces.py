@@ -160,15 +160,16 @@ def collect(decoder, prompts: list[dict], out_dir: Path, settings: dict, shard_p
             ids, skipped, new_tokens, steps = [], 0, 0, 0
             for k, row in enumerate(chunks[i]):
                 input_ids = decoder.encode_prompt(row["prompt"])
-                bar.update(1)
                 if input_ids.shape[1] > max_prompt_tokens:
                     skipped += 1
+                    bar.update(1)
                     continue
                 recorder.prompt = len(ids)
                 ids.append(row["id"])
                 _, stats = decoder.generate(input_ids, max_new_tokens=max_new_tokens, on_step=recorder)
                 new_tokens += stats.new_tokens
                 steps += stats.steps
+                bar.update(1)
             tensors = recorder.tensors()
             seconds = time.perf_counter() - t0
             info = dict(meta, prompt_ids=ids, skipped_long_prompts=skipped, nodes=int(tensors["label"].numel()),
