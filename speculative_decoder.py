@@ -185,32 +185,26 @@ class SpeculativeDecoder:
 
     def _load_learned(self, config: SpeculativeDecodingConfig):
         """The alignment and acceptance predictor named in the config, checked against this pair."""
-        a, p = config.affine_alignment, config.acceptance_predictor
-        alignment = predictor = None
-        if self.drafter is None or not (a.alignment_checkpoint or p.checkpoint):
+        from models.acceptance_predictor import load_predictor
+        from models.affine_alignment import load_alignment
+
+        if self.drafter is None:
             return None, None
-        draft_module = self.drafter.identity_module
-        draft_name = config.model.draft_model_name
-        if a.alignment_checkpoint:
-            from models.affine_alignment import load_alignment
-
-            path = resolve_checkpoint(a.alignment_checkpoint, "alignment", draft_name)
-            if ("alignment", path) not in self._learned_cache:
-                self._learned_cache["alignment", path] = load_alignment(path, target=self.target_model,
-                                                                        draft=draft_module, device=self.device)
-            alignment = self._learned_cache["alignment", path]
-        if p.checkpoint:
-            from models.acceptance_predictor import load_predictor
-
-            path = resolve_checkpoint(p.checkpoint, "predictor", draft_name)
-            if ("predictor", path) not in self._learned_cache:
-                self._learned_cache["predictor", path] = load_predictor(path, target=self.target_model,
-                                                                        draft=draft_module, device=self.device)
-            predictor = self._learned_cache["predictor", path]
-            if predictor.uses_alignment and alignment is None:
-                raise ConfigError(f"the acceptance predictor {path} reads aligned features: also set "
-                                  "affine_alignment.alignment_checkpoint (e.g. affine_alignment=demo)")
-        return alignment, predictor
+        loaded = {}
+        for kind, name, load in (("alignment", config.affine_alignment.alignment_checkpoint, load_alignment),
+                                 ("predictor", config.acceptance_predictor.checkpoint, load_predictor)):
+            if not name:
+                loaded[kind] = None
+                continue
+            path = resolve_checkpoint(name, kind, config.model.draft_model_name)
+            if (kind, path) not in self._learned_cache:  # loaded once per decoder, checked against the pair
+                self._learned_cache[kind, path] = load(path, target=self.target_model,
+                                                       draft=self.drafter.identity_module, device=self.device)
+            loaded[kind] = self._learned_cache[kind, path]
+        if loaded["predictor"] is not None and loaded["predictor"].uses_alignment and loaded["alignment"] is None:
+            raise ConfigError(f"the acceptance predictor {config.acceptance_predictor.checkpoint} reads aligned "
+                              "features: also set affine_alignment.alignment_checkpoint (e.g. affine_alignment=demo)")
+        return loaded["alignment"], loaded["predictor"]
 
     # ------------------------------------------------------------------ public API
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, on_step=None,

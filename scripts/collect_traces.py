@@ -25,15 +25,12 @@ from training.traces import load_traces, run_collect  # noqa: E402
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> float:
     logging.getLogger("training").setLevel(logging.INFO)
-    tracker = start_run(cfg, "collect_traces")
-    try:
+    with start_run(cfg, "collect_traces") as tracker:
         out = run_collect(cfg, tracker)
         traces = load_traces(out)
         summary = {"nodes": int(traces["label"].numel()), "pairs": int(traces["target_next"].numel()),
                    "prompts": len(traces["meta"]["prompt_ids"]), "positive_rate": float(traces["label"].mean())}
         tracker.log({f"traces/{k}": v for k, v in summary.items()})
-    finally:
-        tracker.finish()
     print(f"traces: {out}")
     for k, v in summary.items():
         print(f"  {k}: {v}")

@@ -24,11 +24,8 @@ from training.tracking import start_run  # noqa: E402
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> float:
     logging.getLogger("training").setLevel(logging.INFO)
-    tracker = start_run(cfg, "train_alignment")
-    try:
+    with start_run(cfg, "train_alignment") as tracker:
         out, metrics = run_train_alignment(cfg, tracker)
-    finally:
-        tracker.finish()
     print(f"alignment: {out}")
     for key in ("r2", "cosine", "top1_agreement", "draft_top1_agreement", "identity_r2", "identity_cosine",
                 "ridge_lambda", "n_train", "n_heldout"):

@@ -29,11 +29,8 @@ KEYS = ("auroc", "brier", "ece_uncalibrated", "ece_calibrated", "temperature", "
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> float:
     logging.getLogger("training").setLevel(logging.INFO)
-    tracker = start_run(cfg, "train_predictor")
-    try:
+    with start_run(cfg, "train_predictor") as tracker:
         out, report = run_train_predictor(cfg, tracker)
-    finally:
-        tracker.finish()
     print(f"predictor: {out}")
     for name, rep in (("held-out", report), ("shift", report.get("shift"))):
         if rep:

@@ -10,7 +10,17 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 
-class _NoTracker:
+class _Tracker:
+    """``with start_run(cfg, job) as tracker:`` finishes the run however the block ends."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
+
+
+class _NoTracker(_Tracker):
     def log(self, metrics: dict, step: int | None = None) -> None:
         pass
 
@@ -21,7 +31,7 @@ class _NoTracker:
         pass
 
 
-class _WandbTracker:
+class _WandbTracker(_Tracker):
     def __init__(self, cfg: DictConfig, job: str):
         import wandb
 
