@@ -126,3 +126,9 @@ def test_benchmark_variants_run_in_the_same_run(default_config):
     assert all(r["identical"] == 2 for r in rows.values())
     assert rows["pruned"]["nodes_per_step"] <= 2
     assert decoder.config.tree_search.max_nodes == before and decoder.config.pruning.strategy == "none"
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
+def test_every_experiment_preset_composes(preset):
+    config = SpeculativeDecodingConfig.from_overrides([f"experiment={preset}"])
+    assert config.validate() is config
