@@ -57,6 +57,7 @@ class MethodTotals:
     drafted: int = 0
     accepted: int = 0
     expected: float = 0.0
+    nodes_drafted: int = 0
     prompts: int = 0
     identical: int = 0
     phases: dict = field(default_factory=dict)
@@ -70,6 +71,7 @@ class MethodTotals:
             self.drafted += stats.drafted_tokens
             self.accepted += stats.accepted_tokens
             self.expected += stats.expected_accepted
+            self.nodes_drafted += stats.nodes_drafted
             for k, v in stats.time_s.items():
                 self.phases[k] = self.phases.get(k, 0.0) + v
 
@@ -79,6 +81,8 @@ class MethodTotals:
                     tokens_per_s=self.new_tokens / self.time_s if self.time_s else 0.0,
                     tau=tau, acceptance_rate=self.accepted / self.drafted if self.drafted else None,
                     nodes_per_step=self.drafted / self.steps if self.steps else None,
+                    drafted_per_step=self.nodes_drafted / self.steps if self.steps else None,
+                    pruned_fraction=1 - self.drafted / self.nodes_drafted if self.nodes_drafted else None,
                     accepted_tokens=self.accepted if self.steps else None,
                     expected_accepted=round(self.expected, 2) if self.steps else None,
                     identical=self.identical, phase_share={k: round(v / self.time_s, 3) for k, v in self.phases.items()}
