@@ -269,6 +269,7 @@ class SpeculativeDecoder:
     def _decode(self, input_ids: torch.Tensor, max_new: int, cfg, on_step=None) -> Iterator[tuple[list[int], GenerationStats]]:
         """Yields (tokens emitted by this step, running stats) until a stop condition."""
         stats = GenerationStats(method=cfg.method, prompt_tokens=input_ids.shape[1])
+        pruner = self._pruner() if cfg.method == "tree" else None  # may profile costs once: before the clock
         timer = _Timer(stats, self.device)
         generator = None
         to_probs = None
@@ -277,8 +278,11 @@ class SpeculativeDecoder:
             to_probs = partial(logits_to_probs, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         search = self._search(cfg, to_probs, features=on_step is not None) if cfg.method != "target_only" else None
         scored = search is not None and search.scorer is not None
-        pruner = self._pruner() if cfg.method == "tree" else None
         if pruner is not None and pruner.strategy == "cost_aware":
+            if search.random_draws:  # e.g. do_sample=True given per call with child_draw iid
+                raise ConfigError("pruning.strategy='cost_aware' sizes trees by per-node values, which would bias "
+                                  f"randomly drawn children (tree_search.child_draw={search.child_draw!r}); use "
+                                  "child_draw=topk or another pruning strategy")
             search.stop_rule = lambda tree, frontier, widths: pruner.stop_drafting(tree, frontier, pruner.cost.draft_total(widths))
         limit = min(max_new, self.context_limit - input_ids.shape[1])  # new tokens we may emit
 
