@@ -278,12 +278,14 @@ class SpeculativeDecoder:
             to_probs = partial(logits_to_probs, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         search = self._search(cfg, to_probs, features=on_step is not None) if cfg.method != "target_only" else None
         scored = search is not None and search.scorer is not None
-        if pruner is not None and pruner.strategy == "cost_aware":
-            if search.random_draws:  # e.g. do_sample=True given per call with child_draw iid
+        if pruner is not None:
+            if pruner.strategy == "cost_aware" and search.random_draws:  # e.g. per-call do_sample, child_draw iid
                 raise ConfigError("pruning.strategy='cost_aware' sizes trees by per-node values, which would bias "
                                   f"randomly drawn children (tree_search.child_draw={search.child_draw!r}); use "
                                   "child_draw=topk or another pruning strategy")
-            search.stop_rule = lambda tree, frontier, widths: pruner.stop_drafting(tree, frontier, pruner.cost.draft_total(widths))
+            # Stop drafting deeper once the pruner would cut (or not pay for) every node of the next level.
+            search.stop_rule = lambda tree, frontier, widths: pruner.stop_drafting(
+                tree, frontier, pruner.cost.draft_total(widths) if pruner.cost is not None else 0.0, search.random_draws)
         limit = min(max_new, self.context_limit - input_ids.shape[1])  # new tokens we may emit
 
         # 0. Prefill: the target's last logits give the first token (the first root).

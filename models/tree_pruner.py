@@ -160,14 +160,26 @@ class TreePruner:
         self.threshold = min(0.9, max(1e-4, self.threshold * math.exp(step)))
 
     # ------------------------------------------------------------------ early stop while drafting
-    def stop_drafting(self, tree: DraftTree, frontier: list[int], draft_ms: float) -> bool:
-        """cost_aware only: stop when one more level is expected to earn less than it costs.
+    def stop_drafting(self, tree: DraftTree, frontier: list[int], draft_ms: float = 0.0,
+                      random_draws: bool = False) -> bool:
+        """Whether to stop before drafting another level under ``frontier``.
 
-        Gain of another level ~ each frontier node's path probability times the conditional
-        acceptance of the best child seen at the current depth; its cost = one more draft level plus
-        verifying the extra nodes. Compared as tokens per ms with and without the level.
+        threshold / adaptive: exact: stop when no frontier node reaches the threshold (a child's path
+        probability never exceeds its parent's, so every child would be cut). budget (node level):
+        exact: stop when ``max_verify_nodes`` nodes already have a path probability >= the best
+        frontier node's (children lose ties to shallower nodes). cost_aware: stop when one more level
+        is expected to earn less than it costs: its gain ~ each frontier node's path probability times
+        the best conditional acceptance seen at the current depth, its cost one more draft level plus
+        verifying the extra nodes, compared as tokens per ms with and without the level.
         """
-        if self.strategy != "cost_aware" or not frontier or tree.num_drafted == 0:
+        if not frontier or tree.num_drafted == 0:
+            return False
+        if self.strategy in ("threshold", "adaptive"):
+            return bool((tree.path_probs()[frontier] < self.threshold).all())
+        if self.strategy == "budget" and not random_draws:
+            pp = tree.path_probs()
+            return int((pp[1:] >= pp[frontier].max()).sum()) >= self.cfg.max_verify_nodes
+        if self.strategy != "cost_aware":
             return False
         pp = tree.path_probs()
         order = self._order(tree, pp)

@@ -523,3 +523,27 @@ def test_cost_aware_refused_with_random_child_draws(draw, decoder):
     cfg.strategy = "bogus"  # past validation
     with pytest.raises(ValueError, match="bogus"):
         TreePruner(cfg)
+
+
+@pytest.mark.parametrize("strategy", ["threshold", "adaptive", "budget"])
+def test_early_stop_never_changes_what_is_kept(strategy):
+    """stop_drafting (threshold / budget) is exact: when it says stop, no child the next level could
+    draft under the frontier would have been kept, so the pruned tree is the same either way."""
+    rng, stops = random.Random(7), 0
+    for _ in range(300):
+        n = rng.randint(2, 30)
+        spec = [(rng.randrange(i), rng.uniform(1e-3, 1.0)) for i in range(1, n + 1)]
+        scored = rng.random() < .5
+        accept = [1.0 if rng.random() < .15 else 1.0 - rng.random() for _ in range(n)] if scored else None
+        tree = build(spec, accept=accept)
+        deepest = int(tree.depth.max())
+        frontier = (tree.depth == deepest).nonzero().flatten().tolist()
+        pruner = random_pruner(rng, strategy, n)
+        if not pruner.stop_drafting(tree, frontier):
+            continue
+        stops += 1
+        extra = [(rng.choice(frontier), rng.uniform(1e-3, 1.0)) for _ in range(rng.randint(1, 6))]
+        more = [1.0 if rng.random() < .3 else 1.0 - rng.random() for _ in extra] if scored else None
+        bigger = build(spec + extra, accept=None if accept is None else accept + more)
+        assert kept(pruner.prune(tree)) == kept(pruner.prune(bigger))
+    assert stops > 20  # the property was exercised
