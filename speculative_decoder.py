@@ -325,8 +325,11 @@ class SpeculativeDecoder:
             stats.nodes_drafted += tree.num_drafted
             if pruner is not None and tree.num_drafted:
                 draft_ms = pruner.cost.draft_total(search.level_widths) if pruner.cost is not None else 0.0
-                tree = pruner.prune(tree, search.random_draws, draft_ms).tree
+                pruned = pruner.prune(tree, search.random_draws, draft_ms)
+                tree, expected = pruned.tree, pruned.expected
                 timer.lap("prune")
+            else:  # what the verified nodes are expected to yield: the sum of their path probabilities
+                expected = float(tree.path_probs()[1:].sum()) if tree.num_drafted else 0.0
             # 4. Verify: one target forward over root + nodes.
             prefix = cache_length(cache)
             logits, hidden = self._target_tree_forward(tree, prefix, cache, want_hidden)  # [N, V], [N, H]
@@ -336,7 +339,7 @@ class SpeculativeDecoder:
                 path, nxt = verify_sampling(tree, logits, to_probs, search.child_draw if search else "topk", generator)
             timer.lap("verify")
             if pruner is not None and tree.num_drafted:
-                pruner.observe(float(tree.path_probs()[1:].sum()), len(path) - 1)
+                pruner.observe(expected, len(path) - 1)
             step_context = context
             if scored:  # what the next step's features know: the target's distribution here
                 context = self._context(logits[path[-1]], to_probs, len(path) - 1)
@@ -350,7 +353,7 @@ class SpeculativeDecoder:
             emitted = tree.tokens[path[1:]].tolist() + [nxt]
             # 6. Stop conditions (truncate after EOS or at the limit), then record.
             emitted, stats.stop_reason = self._truncate(emitted, stats.new_tokens, limit, at_limit)
-            self._record(stats, tree, path, emitted)
+            self._record(stats, tree, path, emitted, expected)
             root = nxt
             timer.lap("other")
             yield emitted, stats
@@ -379,13 +382,13 @@ class SpeculativeDecoder:
             return emitted[: limit - produced], at_limit
         return emitted, ""
 
-    def _record(self, stats: GenerationStats, tree: DraftTree, path: list[int], emitted: list[int]) -> None:
+    def _record(self, stats: GenerationStats, tree: DraftTree, path: list[int], emitted: list[int],
+                expected: float) -> None:
         stats.steps += 1
         stats.target_forwards += 1
         stats.new_tokens += len(emitted)
         stats.drafted_tokens += tree.num_drafted
-        if tree.num_drafted:
-            stats.expected_accepted += float(tree.path_probs()[1:].sum())
+        stats.expected_accepted += expected
         accepted = min(len(path) - 1, len(emitted))
         stats.accepted_tokens += accepted
         for d in range(accepted):
@@ -442,7 +445,7 @@ class SpeculativeDecoder:
 
             if path:
                 try:
-                    self._learned_cache[key] = CostModel.from_json(Path(path).expanduser().read_text())
+                    self._learned_cache[key] = CostModel.load(Path(path).expanduser())
                 except (OSError, ValueError, KeyError, TypeError) as e:
                     raise ModelLoadError(f"cost profile {path} is unreadable: {e}; remake it with "
                                          "scripts/profile_costs.py") from None

@@ -99,7 +99,7 @@ class CostModel:
         """ms of one decode step: one draft forward per entry of ``levels`` (its frontier width; the
         root's own forward is a level of width 1) plus the verify forward over the root and
         ``n_nodes`` drafted nodes, i.e. ``sum(draft(w) for w in levels) + verify(n_nodes + 1)``."""
-        return sum(self.draft(w) for w in levels) + self.verify(n_nodes + 1)
+        return self.draft_total(levels) + self.verify(n_nodes + 1)
 
     def rate(self, expected_accepted: float, draft_ms: float, n_nodes: int) -> float:
         """Expected tokens per ms of a step that verifies ``n_nodes`` drafted nodes expected to yield

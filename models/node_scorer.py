@@ -35,8 +35,7 @@ class NodeScorer:
     def aligned_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[F, V] float32: the target's head on the aligned draft states ``hidden`` [F, Hd]."""
         t = time.perf_counter()
-        h = self.alignment(hidden.to(self.lm_head.device))
-        out = (h.to(self.lm_head.dtype) @ self.lm_head.t()).float()
+        out = self.alignment.aligned_logits(hidden.to(self.lm_head.device), self.lm_head)
         self.seconds += time.perf_counter() - t
         return out
 

@@ -103,11 +103,7 @@ class DraftTree:
 
     def path_logprobs(self) -> torch.Tensor:
         """Cumulative draft log-prob of the path root -> node, [N]."""
-        cum = self.logprobs.clone()
-        parents = self.parents.tolist()
-        for i in range(1, len(self)):
-            cum[i] += cum[parents[i]]
-        return cum
+        return self._along_paths(self.logprobs, torch.Tensor.add_)
 
     def path_probs(self) -> torch.Tensor:
         """Probability that each node is accepted, [N]: the product along its path of the predicted
@@ -116,10 +112,14 @@ class DraftTree:
         accepted draft tokens of a tree is the sum over its drafted nodes."""
         if self.accept_prob is None:
             return self.path_logprobs().exp()
-        cum = self.accept_prob.clone()
+        return self._along_paths(self.accept_prob, torch.Tensor.mul_)
+
+    def _along_paths(self, values: torch.Tensor, combine) -> torch.Tensor:
+        """[N]: ``values`` folded with ``combine`` (in place) from the root down each path."""
+        cum = values.clone()
         parents = self.parents.tolist()
-        for i in range(1, len(self)):
-            cum[i] *= cum[parents[i]]
+        for i in range(1, len(self)):  # topological order: the parent's entry is final
+            combine(cum[i], cum[parents[i]])
         return cum
 
     def children(self, node: int) -> list[int]:

@@ -104,9 +104,14 @@ class TreePruner:
                     keep.append(i)
             return keep
         # cost_aware: the k most likely nodes, k by the measured cost of verifying k + 1 tokens
-        cum = [0.0] + pp[order].double().cumsum(0).tolist()
-        k = self.cost.best_size(cum, draft_ms)
+        order, cum, k = self._cost_sized(tree, pp, draft_ms)
         return order[:k].tolist()
+
+    def _cost_sized(self, tree: DraftTree, pp: torch.Tensor, draft_ms: float) -> tuple[torch.Tensor, list[float], int]:
+        """(nodes most likely first, cum[j] = sum of the j largest path probabilities, the best k)."""
+        order = self._order(tree, pp)
+        cum = [0.0] + pp[order].double().cumsum(0).tolist()
+        return order, cum, self.cost.best_size(cum, draft_ms)
 
     def _keep_groups(self, tree: DraftTree, pp: torch.Tensor) -> list[int]:
         """Whole sibling groups, by the parent's path probability; a group needs its parent kept.
@@ -182,15 +187,13 @@ class TreePruner:
         if self.strategy != "cost_aware":
             return False
         pp = tree.path_probs()
-        order = self._order(tree, pp)
-        cum = [0.0] + pp[order].double().cumsum(0).tolist()
-        k = self.cost.best_size(cum, draft_ms)
-        now = (cum[k] + 1) / (draft_ms + self.cost.verify(k + 1))
+        _, cum, k = self._cost_sized(tree, pp, draft_ms)
+        now = self.cost.rate(cum[k], draft_ms, k)
         depth = int(tree.depth[frontier[0]])
         at_depth = (tree.depth == depth).nonzero().flatten()
         cond = tree.accept_prob[at_depth] if tree.accept_prob is not None else tree.logprobs[at_depth].exp()
         best = float(cond.max()) if len(cond) else 0.0
         gain = float(pp[frontier].sum()) * best
         # one more level drafts the frontier; at best one kept child per frontier node
-        later = (cum[k] + gain + 1) / (draft_ms + self.cost.draft(len(frontier)) + self.cost.verify(k + 1 + len(frontier)))
+        later = self.cost.rate(cum[k] + gain, draft_ms + self.cost.draft(len(frontier)), k + len(frontier))
         return later <= now

@@ -21,6 +21,8 @@ from models.config import repo_path
 from models.errors import ConfigError, ModelLoadError
 from models.node_features import (ALIGNED_FEATURES, BASE_FEATURES, COLUMN, CONTEXT_FEATURES, FEATURE_NAMES,
                                   aligned_features)
+from training.draft_distill import EVAL_SETS
+from training.eagle_draft import _plain
 from training.traces import load_traces, split_by_prompt
 
 log = logging.getLogger(__name__)
@@ -169,7 +171,7 @@ def run_train_predictor(cfg, tracker) -> tuple[Path, dict]:
     traces = load_traces(_required(p.traces, "train_predictor.traces"))
     out = _required(p.out_dir, "train_predictor.out_dir")
     meta = traces["meta"]
-    if meta.get("settings", {}).get("files") and any("spec_bench" in f for f in meta["settings"]["files"]):
+    if any(e in f for f in meta.get("settings", {}).get("files") or () for e in EVAL_SETS):
         raise ConfigError("train_predictor.traces were collected on an evaluation set; train on train-only traces "
                           "and pass evaluation traces as train_predictor.shift_traces")
     target = load_target_for(cfg, meta)
@@ -227,12 +229,6 @@ def run_train_predictor(cfg, tracker) -> tuple[Path, dict]:
 
 
 # ---------------------------------------------------------------------- helpers
-def _plain(node) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True)
-
-
 def _write_metrics(out: Path, metrics: dict) -> None:
     def clean(v):
         if isinstance(v, dict):

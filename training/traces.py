@@ -43,11 +43,11 @@ from safetensors.torch import save_file
 from models.checkpoint import fingerprint
 from models.errors import ConfigError, ModelLoadError
 from models.node_features import FEATURE_NAMES, FEATURE_SPEC_VERSION
+from training.draft_distill import EVAL_SETS
 
 log = logging.getLogger(__name__)
 
 TRACE_VERSION = 1
-EVAL_SETS = ("spec_bench", "mt_bench", "humaneval", "gsm8k_test")
 _NODE_KEYS = ("features", "label", "accepted", "token", "parent_pair", "prompt")
 _PAIR_KEYS = ("h_draft", "h_target", "target_next", "draft_next")
 
