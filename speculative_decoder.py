@@ -30,10 +30,14 @@ import torch
 from models.config import SpeculativeDecodingConfig
 from models.draft_tree_search import DraftTreeSearch, TreeShape
 from models.drafter import Drafter, HFDrafter
-from models.errors import ConfigError, InputError, ModelLoadError, VocabularyMismatchError
-from models.kv_cache import cache_length, keep_tokens, new_cache
+from models.errors import ConfigError, InputError, ModelLoadError, NumericalError
+from models.loading import (check_device, check_same_vocabulary, context_length, eos_token_ids,  # noqa: F401
+                            load_draft, load_model, load_tokenizer, module_device, resolve_checkpoint,
+                            resolve_model_path)
+from models.kv_cache import attention_layout, cache_length, keep_tokens, new_cache
 from models.node_features import StepContext
 from models.node_scorer import NodeScorer
+from models.prompts import prompt_ids
 from models.sampling import logits_to_probs
 from models.tree import DraftTree
 from models.verification import verify_greedy, verify_sampling
@@ -59,7 +63,13 @@ class GenerationStats:
     # Sum over verified nodes of their path probability (predicted when a predictor is loaded, else
     # the draft's own): what the tree policy expected to be accepted; compare with accepted_tokens.
     expected_accepted: float = 0.0
+    # Per depth d = 1, 2, ... (index d - 1), counted over verify steps: steps that accepted a token
+    # at d (a path cut by EOS counts up to the EOS); steps whose accepted path reached d - 1 and
+    # whose node there had a verified child (the target could accept at d); steps that verified a
+    # node at d. acceptance at depth d = accepted / reachable.
     accepted_per_depth: list[int] = field(default_factory=list)
+    reachable_per_depth: list[int] = field(default_factory=list)
+    verified_per_depth: list[int] = field(default_factory=list)
     time_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     stop_reason: str = ""
 
@@ -99,7 +109,8 @@ class StepRecord:
 
     tree: the verified tree (features when scored); target_logits [N, V] and target_hidden [N, Ht]
     at every node; path / next_token: what verification decided; to_probs: the sampling processor
-    (None when greedy).
+    (None when greedy); drafted: the tree as drafted, before pruning (``tree`` itself when nothing
+    was pruned; ``tree.origin`` maps verified nodes back to it).
     """
 
     tree: DraftTree
@@ -109,6 +120,7 @@ class StepRecord:
     next_token: int
     to_probs: object
     context: StepContext
+    drafted: DraftTree | None = None
 
 
 class _Timer:
@@ -135,11 +147,22 @@ class _Timer:
         self.t = time.perf_counter()
 
 
+def _finite(logits: torch.Tensor, where: str) -> torch.Tensor:
+    """The target's logits, refused when any is NaN or inf: greedy would pick an arbitrary token
+    and sampling would fail somewhere less clear."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = "NaN" if bool(torch.isnan(logits).any()) else "inf"
+        raise NumericalError(f"the target's logits contain {bad} ({where}, dtype {logits.dtype}); usually an "
+                             "overflow in reduced precision: try model.dtype=bfloat16 or float32")
+    return logits
+
+
 class SpeculativeDecoder:
     def __init__(self, config: SpeculativeDecodingConfig | None = None):
         """Load ``config.model.*`` (the demo pair by default) and build the decoder."""
         config = config or SpeculativeDecodingConfig()
         m = config.model
+        check_device(m.device, m.dtype)  # before loading anything
         target_path = resolve_model_path(m.target_model_name, m.cache_dir, m.data_dir)
         tokenizer = load_tokenizer(target_path)
         target = load_model(target_path, m.device, m.dtype, m.attn_implementation)
@@ -158,6 +181,7 @@ class SpeculativeDecoder:
     def _setup(self, target, draft, tokenizer, config: SpeculativeDecodingConfig) -> None:
         self.config = config
         self.target_model = target.eval()
+        self.target_layout = attention_layout(target)  # windows for tree masks; refuses what we cannot mask
         self.tokenizer = tokenizer
         self.draft_model = draft.eval() if isinstance(draft, torch.nn.Module) else None
         self.drafter: Drafter | None = HFDrafter(self.draft_model) if self.draft_model is not None else draft
@@ -167,10 +191,17 @@ class SpeculativeDecoder:
         if self.draft_model is not None:
             check_same_vocabulary(target, self.draft_model)
         self.device = next(target.parameters()).device
+        head = target.get_output_embeddings()
+        self.vocab_size = int(head.weight.shape[0]) if head is not None else int(target.config.vocab_size)
+        draft_device = module_device(self.drafter) if self.drafter is not None else None
+        if draft_device is not None and draft_device != self.device:
+            raise ConfigError(f"the draft is on {draft_device} and the target on {self.device}: both must be on one "
+                              "device (model.device; or .to() both before from_models)")
         self.context_limit = min(context_length(target), context_length(self.draft_model)) if self.draft_model is not None \
             else context_length(target)
         self.eos_ids = eos_token_ids(target, tokenizer)
         self.last_stats: GenerationStats | None = None
+        self.last_ids: torch.Tensor | None = None  # stream(): the ids of the last call
         self._learned_key, self._learned_cache = None, {}
         self._sync_learned()
 
@@ -228,6 +259,7 @@ class SpeculativeDecoder:
         input_ids = self.encode_prompt(prompt)
         start, shown = input_ids.shape[1], ""
         for ids, self.last_stats in self._run(input_ids, max_new_tokens, overrides):
+            self.last_ids = ids  # prompt + everything committed so far, [1, T + new]
             text = self.tokenizer.decode(ids[0, start:], skip_special_tokens=True)
             if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
                 continue
@@ -244,12 +276,8 @@ class SpeculativeDecoder:
             raise ConfigError("text generation needs a tokenizer (pass one to from_models)")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("empty prompt: give at least one non-whitespace character")
-        if self.config.decoding.use_chat_template and getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                     return_tensors="pt", return_dict=True)["input_ids"]
-        else:
-            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        return torch.as_tensor(ids).reshape(1, -1)
+        ids = prompt_ids(self.tokenizer, prompt, self.config.decoding.use_chat_template)
+        return torch.tensor([ids], dtype=torch.long)
 
     # ------------------------------------------------------------------ the decode loop
     def _run(self, input_ids, max_new_tokens, overrides, on_step=None) -> Iterator[tuple[torch.Tensor, GenerationStats]]:
@@ -274,15 +302,15 @@ class SpeculativeDecoder:
         generator = None
         to_probs = None
         if not cfg.greedy:
-            generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+            generator = torch.Generator(device=self.device)  # its own: the global RNG is untouched
+            if cfg.seed is None:
+                generator.seed()  # fresh, non-deterministic randomness per call (as HF generate)
+            else:
+                generator.manual_seed(cfg.seed)
             to_probs = partial(logits_to_probs, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
         search = self._search(cfg, to_probs, features=on_step is not None) if cfg.method != "target_only" else None
         scored = search is not None and search.scorer is not None
         if pruner is not None:
-            if pruner.strategy == "cost_aware" and search.random_draws:  # e.g. per-call do_sample, child_draw iid
-                raise ConfigError("pruning.strategy='cost_aware' sizes trees by per-node values, which would bias "
-                                  f"randomly drawn children (tree_search.child_draw={search.child_draw!r}); use "
-                                  "child_draw=topk or another pruning strategy")
             # Stop drafting deeper once the pruner would cut (or not pay for) every node of the next level.
             search.stop_rule = lambda tree, frontier, widths: pruner.stop_drafting(
                 tree, frontier, pruner.cost.draft_total(widths) if pruner.cost is not None else 0.0, search.random_draws)
@@ -295,7 +323,7 @@ class SpeculativeDecoder:
         with torch.no_grad():
             out = self.target_model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True,
                                     logits_to_keep=1, output_hidden_states=want_hidden)
-        logits = out.logits[0, -1]  # [V]
+        logits = _finite(out.logits[0, -1], "prefill")  # [V]
         root = int(logits.argmax()) if to_probs is None else int(torch.multinomial(to_probs(logits), 1, generator=generator))
         context = self._context(logits, to_probs, 0) if scored else None
         if search is not None:
@@ -322,6 +350,7 @@ class SpeculativeDecoder:
                 tree = DraftTree.from_root(root)
                 timer.lap("draft")
             # 3. Prune: the sub-tree worth verifying (closed under ancestors).
+            drafted = tree
             stats.nodes_drafted += tree.num_drafted
             if pruner is not None and tree.num_drafted:
                 draft_ms = pruner.cost.draft_total(search.level_widths) if pruner.cost is not None else 0.0
@@ -333,18 +362,19 @@ class SpeculativeDecoder:
             # 4. Verify: one target forward over root + nodes.
             prefix = cache_length(cache)
             logits, hidden = self._target_tree_forward(tree, prefix, cache, want_hidden)  # [N, V], [N, H]
+            _finite(logits, f"verify step {stats.steps + 1}")
             if to_probs is None:
                 path, nxt = verify_greedy(tree, logits)
             else:
                 path, nxt = verify_sampling(tree, logits, to_probs, search.child_draw if search else "topk", generator)
             timer.lap("verify")
             if pruner is not None and tree.num_drafted:
-                pruner.observe(expected, len(path) - 1)
+                pruner.observe(expected, len(path) - 1, search.random_draws)
             step_context = context
             if scored:  # what the next step's features know: the target's distribution here
                 context = self._context(logits[path[-1]], to_probs, len(path) - 1)
             if on_step is not None:
-                on_step(StepRecord(tree, logits, hidden, path, nxt, to_probs, step_context))
+                on_step(StepRecord(tree, logits, hidden, path, nxt, to_probs, step_context, drafted))
             # 5. Commit: both caches keep prefix + accepted path; nxt is the next root.
             keep_tokens(cache, prefix, path)
             if search is not None:
@@ -363,7 +393,9 @@ class SpeculativeDecoder:
         ids = tree.tokens.unsqueeze(0).to(self.device)  # [1, N]
         pos = tree.position_ids(prefix).to(self.device)  # [1, N]
         chain = bool((tree.parents[1:] == torch.arange(len(tree) - 1)).all())
-        mask = None if chain else tree.attention_mask(prefix, self.target_model.dtype).to(self.device)
+        # A chain gets HF's own causal (sliding-window) mask: the cache holds every position.
+        mask = None if chain else tree.attention_mask(prefix, self.target_model.dtype, self.target_layout.windows,
+                                                      self.device)
         with torch.no_grad():
             out = self.target_model(input_ids=ids, position_ids=pos, attention_mask=mask,
                                     past_key_values=cache, use_cache=True, output_hidden_states=want_hidden)
@@ -391,10 +423,14 @@ class SpeculativeDecoder:
         stats.expected_accepted += expected
         accepted = min(len(path) - 1, len(emitted))
         stats.accepted_tokens += accepted
-        for d in range(accepted):
-            if d >= len(stats.accepted_per_depth):
-                stats.accepted_per_depth.append(0)
-            stats.accepted_per_depth[d] += 1
+        reachable = accepted
+        if accepted == len(path) - 1 and bool((tree.parents == path[-1]).any()):
+            reachable += 1  # the target rejected every verified child of the last accepted node
+        for counts, depth in ((stats.accepted_per_depth, accepted), (stats.reachable_per_depth, reachable),
+                              (stats.verified_per_depth, tree.max_depth)):
+            counts.extend([0] * (depth - len(counts)))
+            for d in range(depth):
+                counts[d] += 1
 
     # ------------------------------------------------------------------ helpers
     def _decoding(self, overrides: dict):
@@ -422,7 +458,9 @@ class SpeculativeDecoder:
             lm_head = self.target_model.get_output_embeddings().weight
             scorer = NodeScorer(self.alignment, self.predictor, lm_head, from_aligned)
         rank_by = t.rank_by if cfg.method == "tree" else "draft"
-        return DraftTreeSearch(shape, to_probs, t.child_draw, scorer, rank_by)
+        search = DraftTreeSearch(shape, to_probs, t.child_draw, scorer, rank_by)
+        search.vocab_size = self.vocab_size
+        return search
 
     def _pruner(self):
         """A fresh TreePruner per generate call (its adaptive state starts over, so a seeded call
@@ -441,7 +479,7 @@ class SpeculativeDecoder:
         key = ("cost", path)
         if key not in self._learned_cache:
             from models.cost_model import CostModel
-            from training.profile_costs import load_or_profile
+            from models.cost_profile import NODE_COUNTS, WIDTHS, load_or_profile
 
             if path:
                 try:
@@ -450,9 +488,13 @@ class SpeculativeDecoder:
                     raise ModelLoadError(f"cost profile {path} is unreadable: {e}; remake it with "
                                          "scripts/profile_costs.py") from None
             else:
-                from training.demo_pair import cache_root
+                from models.demo_pair import cache_root
 
-                self._learned_cache[key] = load_or_profile(self, cache_root(self.config.model.cache_dir) / "costs")
+                # sizes that fit a short context window beside a cached prefix (the curves extrapolate)
+                room = max(1, self.context_limit // 2)
+                sizes = dict(node_counts=[n for n in NODE_COUNTS if n <= room] or [1],
+                             widths=[w for w in WIDTHS if w + 1 <= room] or [1])
+                self._learned_cache[key] = load_or_profile(self, cache_root(self.config.model.cache_dir) / "costs", **sizes)
         return self._learned_cache[key]
 
     @staticmethod
@@ -483,108 +525,3 @@ class SpeculativeDecoder:
 
 
 # ---------------------------------------------------------------------- loading (free functions)
-def resolve_model_path(name: str, cache_dir: str | None = None, data_dir: str | None = None) -> Path:
-    """A local model directory for ``name``; the demo names are built (or found) on first use.
-
-    ``demo:draft``     the shipped default draft for the demo target: the EAGLE-style head in
-                       models/checkpoints/smollm2-135m-eagle (made by scripts/train_draft.py draft=eagle)
-    ``demo:draft-lm``  an independent small causal LM draft (the target's first layers, distilled;
-                       configs/draft/quick.yaml, built on first use by scripts/make_draft.py); Hugging
-                       Face assisted generation can use it, as it is a plain HF model
-    """
-    from omegaconf import OmegaConf
-
-    from models.config import CONFIG_DIR, default_config
-    from training import demo_pair
-
-    if name == demo_pair.DEMO_TARGET:
-        return demo_pair.ensure_demo_target(cache_dir)
-    if name == demo_pair.DEMO_DRAFT:
-        from models.eagle import is_eagle_draft
-
-        shipped = demo_pair.SHIPPED_DRAFT
-        if not is_eagle_draft(shipped):
-            raise ModelLoadError(f"the shipped demo draft {shipped} is missing; remake it with "
-                                 "`python scripts/train_draft.py draft=eagle out_dir=models/checkpoints/smollm2-135m-eagle`"
-                                 " or use model.draft_model_name=demo:draft-lm")
-        return shipped
-    if name == demo_pair.DEMO_DRAFT_LM:
-        recipe = OmegaConf.load(CONFIG_DIR / "draft" / "quick.yaml")
-        return demo_pair.ensure_demo_draft(cache_dir, recipe, data_dir or default_config().data_dir)
-    path = Path(name).expanduser()
-    if not path.exists():
-        hint = (" It looks like a hub id; model hubs are not reachable here, so download the model elsewhere "
-                "and pass its local directory." if "/" in name and not name.startswith((".", "/", "~")) else "")
-        raise ModelLoadError(f"model path does not exist: {name!r}.{hint}")
-    from models.eagle import META, is_eagle_draft
-
-    if not (path / "config.json").is_file() and not is_eagle_draft(path):
-        raise ModelLoadError(f"{path} is neither a Hugging Face model directory (no config.json) nor an "
-                             f"EAGLE draft (no {META})")
-    return path
-
-
-def resolve_checkpoint(name: str, kind: str, draft_name: str | None) -> Path:
-    """``demo:alignment`` / ``demo:predictor`` -> the shipped checkpoint for the configured demo
-    draft; anything else is a local checkpoint directory (checked when loaded)."""
-    from training import demo_pair
-
-    if name == f"demo:{kind}":
-        return demo_pair.shipped_checkpoint(kind, draft_name)
-    return Path(name).expanduser()
-
-
-def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32", attn_implementation: str | None = "sdpa"):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), local_files_only=True,
-                                                     attn_implementation=attn_implementation)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from None
-    return model.to(device).eval()
-
-
-def load_draft(path: Path, target, m) -> "torch.nn.Module | Drafter":
-    """An EAGLE-style head (a directory with eagle_head.json) as a Drafter, else an HF causal LM."""
-    from models.eagle import EagleDrafter, is_eagle_draft, load_eagle_draft
-
-    if is_eagle_draft(path):
-        return EagleDrafter(load_eagle_draft(path, target))
-    return load_model(path, m.device, m.dtype, m.attn_implementation)
-
-
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load a tokenizer from {path}: {e}") from None
-
-
-def check_same_vocabulary(target, draft) -> None:
-    tv = target.get_output_embeddings().weight.shape[0]
-    dv = draft.get_output_embeddings().weight.shape[0]
-    if tv != dv:
-        raise VocabularyMismatchError(
-            f"draft vocabulary ({dv} tokens) differs from the target's ({tv}); speculative decoding needs a draft "
-            "that shares the target's tokenizer")
-
-
-def context_length(model) -> int:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, key, None)
-        if value:
-            return int(value)
-    return 1 << 30
-
-
-def eos_token_ids(model, tokenizer) -> set[int]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None and tokenizer is not None:
-        ids = tokenizer.eos_token_id
-    if ids is None:
-        return set()
-    return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}

@@ -56,7 +56,7 @@ class DecodingConfig:
     temperature: float
     top_k: int
     top_p: float
-    seed: int
+    seed: Optional[int]  # sampling: null = fresh randomness per call; an int = reproducible
     use_chat_template: bool
     stop_on_eos: bool
 
@@ -66,6 +66,8 @@ class DecodingConfig:
         _check(self.temperature >= 0, "decoding.temperature", self.temperature, "must be >= 0 (0 = greedy)")
         _check(self.top_k >= 0, "decoding.top_k", self.top_k, "must be >= 0 (0 = off)")
         _check(0 < self.top_p <= 1, "decoding.top_p", self.top_p, "must be in (0, 1] (1 = off)")
+        _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0),
+               "decoding.seed", self.seed, "null (fresh randomness per call) or an integer >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -161,10 +163,6 @@ class SpeculativeDecodingConfig:
     def __post_init__(self):
         _check(self.tree_search.rank_by != "predictor" or bool(self.acceptance_predictor.checkpoint),
                "tree_search.rank_by", self.tree_search.rank_by, "'predictor' needs acceptance_predictor.checkpoint")
-        _check(self.pruning.strategy != "cost_aware" or self.tree_search.child_draw == "topk" or not self.decoding.do_sample
-               or self.decoding.temperature == 0, "pruning.strategy", self.pruning.strategy,
-               "cost_aware sizes trees by per-node values, which would bias randomly drawn children "
-               f"(tree_search.child_draw={self.tree_search.child_draw!r}); use child_draw=topk or another strategy")
 
     def validate(self) -> "SpeculativeDecodingConfig":
         """Re-check every value: configs are dataclasses that users change in place after building

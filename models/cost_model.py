@@ -4,7 +4,7 @@ The policy picks the node set that maximises tokens per unit time,
 
     (expected accepted + 1) / (draft time + verify time(N)),
 
-so it needs two measured curves (``training/profile_costs.py`` measures them with the real pair):
+so it needs two measured curves (``models/cost_profile.py`` measures them with the real pair):
 
     verify_ms[N]   one target forward over N new tokens after a cached prefix; N counts every tree
                    node sent to verification *including the root* (target-only decoding is N = 1)

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from models.drafter import Drafter
+from models.errors import DrafterError
 from models.node_features import StepContext
 from models.node_scorer import NodeScorer
 from models.sampling import draw_children
@@ -58,10 +59,26 @@ class DraftTreeSearch:
         # Optional early stop (cost-aware pruning): stop_rule(tree, frontier, level_widths) -> True
         # stops before drafting another level.
         self.stop_rule = None
+        self.vocab_size: int | None = None  # the target's, when known: drafts must match it
 
     @property
     def random_draws(self) -> bool:
         return self.child_draw != "topk"
+
+    def _checked(self, drafter: Drafter, logits, width: int) -> torch.Tensor:
+        """The drafter's logits as float, refused unless [width, vocab] (vocab = the target's when
+        known) and free of NaN (-inf is allowed: reduced-vocabulary heads mask tokens with it)."""
+        name = type(drafter).__name__
+        if not isinstance(logits, torch.Tensor):
+            raise DrafterError(f"{name}.propose returned {type(logits).__name__}, not a tensor of logits [F, V]")
+        if logits.dim() != 2 or logits.shape[0] != width or (self.vocab_size and logits.shape[1] != self.vocab_size):
+            want = f"[{width}, {self.vocab_size or 'V'}]"
+            raise DrafterError(f"{name}.propose returned logits of shape {list(logits.shape)} for a frontier of "
+                               f"{width} node(s); expected {want} (one row per frontier node, the target's vocabulary)")
+        logits = logits.float()
+        if torch.isnan(logits).any():
+            raise DrafterError(f"{name}.propose returned NaN logits (an overflow in the draft? try model.dtype=float32)")
+        return logits
 
     def grow(self, drafter: Drafter, root_token: int, depth: int, generator: torch.Generator | None = None,
              context: StepContext | None = None) -> DraftTree:
@@ -85,7 +102,7 @@ class DraftTreeSearch:
                     frontier = [frontier[i] for i in best.tolist()]
                 if not frontier:
                     break
-            logits = drafter.propose(tree, frontier).float()  # [F, V]
+            logits = self._checked(drafter, drafter.propose(tree, frontier), len(frontier))  # [F, V]
             hidden = drafter.last_hidden  # [F, Hd] or None
             self.levels_run += 1
             self.level_widths.append(len(frontier))

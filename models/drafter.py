@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from models.kv_cache import cache_length, keep_tokens, new_cache
+from models.kv_cache import attention_layout, cache_length, keep_tokens, new_cache
 from models.tree import DraftTree, tree_attention_mask
 
 
@@ -54,11 +54,13 @@ class HFDrafter(Drafter):
     Cache layout: ``[committed prefix | pending ... | tree nodes in the order proposed]``.
     *Pending* tokens are committed tokens the draft has not seen yet (an accepted leaf that was never
     fed, and the previous roots of steps that drafted nothing); they are fed in front of the next
-    root, causally, so the prefix is never re-encoded.
+    root, causally, so the prefix is never re-encoded. Sliding-window drafts keep full-length caches
+    and get their windows from the tree masks (``models.kv_cache``), as the target does.
     """
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+        self.layout = attention_layout(model)  # refuses attention we cannot draft trees with exactly
         self.cache = None
         self.pending: list[int] = []
         self.tree_base = 0  # cache length before the root of the current step
@@ -86,7 +88,8 @@ class HFDrafter(Drafter):
         node_idx = torch.tensor(nodes, device=visible.device)
         ids = tree.tokens[node_idx].unsqueeze(0).to(self.device)  # [1, F]
         pos = (self.tree_base + tree.depth[node_idx]).unsqueeze(0).to(self.device)  # [1, F]
-        mask = tree_attention_mask(visible.to(self.device), self.tree_base, self.model.dtype)
+        mask = tree_attention_mask(visible.to(self.device), self.tree_base, self.model.dtype, self.layout.windows,
+                                   tree.depth[node_idx], tree.depth[torch.tensor(keys, device=visible.device)])
         logits = self._forward(ids, pos, mask, keep=len(nodes))
         self.cached_nodes = keys
         return logits

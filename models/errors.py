@@ -22,3 +22,11 @@ class ModelLoadError(TreeSpecError):
 
 class VocabularyMismatchError(TreeSpecError):
     """Draft and target do not share a vocabulary, so draft tokens mean nothing to the target."""
+
+
+class DrafterError(TreeSpecError):
+    """A ``Drafter`` that breaks its contract: ``propose`` must return logits [frontier, vocab]."""
+
+
+class NumericalError(TreeSpecError):
+    """NaN or inf where a model's logits must be finite (e.g. an fp16 overflow in the target)."""

@@ -20,7 +20,8 @@ Nodes 1..N-1 are drafted tokens in topological order (``parents[i] < i``), so an
 
 Tree attention: the verify pass feeds all N nodes at once with ``position_ids = prefix_len +
 depth`` and a 4-D mask in which the cached prefix is fully visible and each node sees its
-ancestors and itself.
+ancestors and itself. In sliding-window layers a node at position p sees, of those, only the keys
+at positions > p - window: what it would see decoded sequentially (``tree_attention_mask``).
 """
 
 from __future__ import annotations
@@ -169,9 +170,17 @@ class DraftTree:
         """[1, N]: the root sits right after the cached prefix, each node at its depth beyond it."""
         return (prefix_len + self.depth).unsqueeze(0)
 
-    def attention_mask(self, prefix_len: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Additive 4-D mask [1, 1, N, prefix_len + N]: 0 where visible, dtype-min where not."""
-        return tree_attention_mask(self.ancestor_matrix(), prefix_len, dtype)
+    def attention_mask(self, prefix_len: int, dtype: torch.dtype = torch.float32,
+                       windows: dict[str, int | None] | None = None,
+                       device: torch.device | str | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Additive 4-D mask [1, 1, N, prefix_len + N]: 0 where visible, dtype-min where not.
+
+        ``windows`` (``AttentionLayout.windows`` of the model) adds sliding windows; then one mask per
+        layer type, see ``tree_attention_mask``. Built on ``device`` (default: the tree's).
+        """
+        device = self.tokens.device if device is None else device
+        depth = self.depth.to(device)
+        return tree_attention_mask(self.ancestor_matrix().to(device), prefix_len, dtype, windows, depth, depth)
 
     # ------------------------------------------------------------------ pruning
     def select(self, keep: torch.Tensor | list[int]) -> tuple["DraftTree", torch.Tensor]:
@@ -204,14 +213,38 @@ class DraftTree:
         return nodes if self.origin is None else self.origin[nodes].tolist()
 
 
-def tree_attention_mask(visible: torch.Tensor, prefix_len: int, dtype: torch.dtype) -> torch.Tensor:
+def tree_attention_mask(visible: torch.Tensor, prefix_len: int, dtype: torch.dtype,
+                        windows: dict[str, int | None] | None = None, query_depth: torch.Tensor | None = None,
+                        key_depth: torch.Tensor | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
     """Additive mask [1, 1, Q, prefix_len + K] from ``visible`` [Q, K] bool (query sees key).
 
     The ``prefix_len`` cached positions before the keys are visible to every query.
+
+    ``windows`` maps layer types to sliding windows (None: full attention), as in
+    ``models.kv_cache.AttentionLayout``. For a layer type with a window, a query additionally sees
+    only keys at positions > its position - window (transformers' rule, ``sliding_window_overlay``):
+    cached key j sits at position j (caches are kept full length, slot = position), query i at
+    ``prefix_len + query_depth[i]`` and tree key k at ``prefix_len + key_depth[k]`` [Q] / [K]. One
+    layer type gives one tensor; several give ``{layer type: mask}``, how transformers' hybrid
+    models take prepared masks.
     """
     q = visible.shape[0]
     full = torch.ones(q, prefix_len, dtype=torch.bool, device=visible.device)
-    allowed = torch.cat([full, visible], dim=1)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=visible.device)
+    allowed = torch.cat([full, visible], dim=1)  # [Q, prefix_len + K]
+    if not windows or all(w is None for w in windows.values()):
+        return _additive(allowed, dtype)
+    query_pos = prefix_len + query_depth.to(visible.device)  # [Q]
+    key_pos = torch.cat([torch.arange(prefix_len, device=visible.device),
+                         prefix_len + key_depth.to(visible.device)])  # [prefix_len + K]
+    masks = {}
+    for kind, window in windows.items():
+        in_window = allowed if window is None else allowed & (key_pos[None, :] > query_pos[:, None] - window)
+        masks[kind] = _additive(in_window, dtype)
+    return next(iter(masks.values())) if len(masks) == 1 else masks
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, Q, K]: 0 where ``allowed`` [Q, K], dtype-min elsewhere."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]

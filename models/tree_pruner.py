@@ -22,7 +22,10 @@ Losslessness. Greedy and deterministic top-k children: any selection closed unde
 safe (``DraftTree.select``). Random child draws (``iid``, ``without_replacement``): dropping drawn
 siblings by their own values would bias the proposal, so nodes are kept or dropped by whole sibling
 groups, ranked by the parent's path probability (known before the group was drawn). ``cost_aware``
-needs per-node values to size the tree and is refused with random draws.
+then adds whole groups one at a time while each raises the expected rate (``_greedy_groups``),
+crediting a group with its parent's path probability times ``group_accept``: the pruner's running
+estimate of P(some child of a verified group is accepted | its parent was), learned online from
+past steps (``observe``), never from the draws being judged.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class TreePruner:
             raise ValueError("pruning.strategy=cost_aware needs a cost profile")
         self.cost = cost
         self.threshold = float(cfg.min_acceptance_prob)
+        self.group_accept = 0.5  # cost_aware with random draws: see the module docstring
 
     # ------------------------------------------------------------------ step 3
     def prune(self, tree: DraftTree, random_draws: bool = False, draft_ms: float = 0.0) -> PruneResult:
@@ -65,13 +69,15 @@ class TreePruner:
         if self.strategy == "none" or n == 0:
             return PruneResult(tree, n, n, float(pp[1:].sum()))
         if random_draws:
-            if self.strategy == "cost_aware":
-                raise ValueError("pruning.strategy=cost_aware sizes trees by per-node values, which would bias "
-                                 "randomly drawn children; use child_draw=topk, or threshold/budget/ratio/level")
-            keep = self._keep_groups(tree, pp)
+            keep = self._keep_groups(tree, pp, draft_ms)
         else:
             keep = self._keep_nodes(tree, pp, draft_ms)
         kept, _ = tree.select(keep)
+        if random_draws and self.strategy == "cost_aware":  # what the sizing credited the kept groups with
+            kpp, expected = kept.path_probs(), 0.0
+            for u in kept.children_lists():
+                expected += float(kpp[u]) * self.group_accept
+            return PruneResult(kept, n, kept.num_drafted, expected)
         return PruneResult(kept, n, kept.num_drafted, float(kept.path_probs()[1:].sum()))
 
     def _order(self, tree: DraftTree, pp: torch.Tensor) -> torch.Tensor:
@@ -113,7 +119,30 @@ class TreePruner:
         cum = [0.0] + pp[order].double().cumsum(0).tolist()
         return order, cum, self.cost.best_size(cum, draft_ms)
 
-    def _keep_groups(self, tree: DraftTree, pp: torch.Tensor) -> list[int]:
+    def _greedy_groups(self, tree: DraftTree, pp: torch.Tensor, draft_ms: float) -> tuple[list[int], float, int]:
+        """Random draws, cost_aware: (kept nodes, credited value, node count).
+
+        Sibling groups in order of their parent's path probability (ties: shallower first, so a group
+        comes before every group below it); a group whose parent is kept is added when it raises the
+        expected rate of the groups added so far, crediting it with ``pp[parent] * group_accept``. So
+        whether a group is kept depends on its size, its parent and the groups decided before it,
+        never on what was drawn in it or below it (unlike a best prefix, which would look at the
+        groups below). A group that does not pay is skipped, not a stop: on a non-monotone cost curve
+        a later, larger set may pay again."""
+        groups = tree.children_lists()
+        depth = tree.depth.tolist()
+        kept_nodes, keep, value, nodes = {0}, [], 0.0, 0
+        for u in sorted(groups, key=lambda u: (-float(pp[u]), depth[u], u)):
+            if u not in kept_nodes:
+                continue
+            kids, gain = groups[u], float(pp[u]) * self.group_accept
+            if self.cost.rate(value + gain, draft_ms, nodes + len(kids)) > self.cost.rate(value, draft_ms, nodes):
+                keep += kids
+                kept_nodes.update(kids)
+                value, nodes = value + gain, nodes + len(kids)
+        return keep, value, nodes
+
+    def _keep_groups(self, tree: DraftTree, pp: torch.Tensor, draft_ms: float = 0.0) -> list[int]:
         """Whole sibling groups, by the parent's path probability; a group needs its parent kept.
 
         Whether a group is kept may depend on nothing drawn in it or below it. ``ratio`` therefore
@@ -126,6 +155,8 @@ class TreePruner:
         c, s = self.cfg, self.strategy
         groups = tree.children_lists()  # {parent: children}
         depth = tree.depth.tolist()
+        if s == "cost_aware":
+            return self._greedy_groups(tree, pp, draft_ms)[0]
         if s == "ratio":
             parents = sorted(groups, key=lambda u: (depth[u], -float(pp[u]), u))
             upto: dict[int, int] = {}  # parent depth d -> nodes drafted at depths <= d + 1
@@ -157,9 +188,17 @@ class TreePruner:
         return keep
 
     # ------------------------------------------------------------------ online feedback
-    def observe(self, expected: float, realised: int) -> None:
-        """Adaptive threshold: multiplicative step toward accepting what the kept nodes promise."""
-        if self.strategy != "adaptive" or expected <= 0:
+    def observe(self, expected: float, realised: int, random_draws: bool = False) -> None:
+        """After a step: ``expected`` = the kept tree's ``PruneResult.expected``, ``realised`` = the draft
+        tokens accepted. Adaptive threshold: multiplicative step toward accepting what the kept nodes
+        promise. cost_aware with random draws: the same step on ``group_accept``."""
+        if expected <= 0:
+            return
+        if self.strategy == "cost_aware" and random_draws:
+            step = self.cfg.adaptive_rate * (realised - expected) / max(expected, 1.0)
+            self.group_accept = min(1.0, max(0.02, self.group_accept * math.exp(step)))
+            return
+        if self.strategy != "adaptive":
             return
         step = self.cfg.adaptive_rate * (expected - realised) / max(expected, 1.0)
         self.threshold = min(0.9, max(1e-4, self.threshold * math.exp(step)))
@@ -187,6 +226,13 @@ class TreePruner:
         if self.strategy != "cost_aware":
             return False
         pp = tree.path_probs()
+        if random_draws:  # whole groups: the frontier's groups would be credited pp[parent] * group_accept
+            _, value, nodes = self._greedy_groups(tree, pp, draft_ms)
+            now = self.cost.rate(value, draft_ms, nodes)
+            gain = float(pp[frontier].sum()) * self.group_accept
+            width = len(frontier) * max(len(k) for k in tree.children_lists().values())
+            later = self.cost.rate(value + gain, draft_ms + self.cost.draft(len(frontier)), nodes + width)
+            return later <= now
         _, cum, k = self._cost_sized(tree, pp, draft_ms)
         now = self.cost.rate(cum[k], draft_ms, k)
         depth = int(tree.depth[frontier[0]])

@@ -10,16 +10,12 @@ Prints the trace directory; pass it to scripts/train_alignment.py and scripts/tr
 """
 
 import logging
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from training.tracking import start_run  # noqa: E402
-from training.traces import load_traces, run_collect  # noqa: E402
+from training.tracking import start_run
+from training.traces import load_traces, run_collect
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

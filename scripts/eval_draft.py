@@ -10,24 +10,21 @@ $TREESPEC_CACHE/evalset-<hash>/. Prints a table and writes ${output_dir}/eval_dr
 """
 
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from models.config import repo_path  # noqa: E402
-from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig  # noqa: E402
-from training import teacher_data  # noqa: E402
-from training.benchmark import format_table, load_prompts, run_benchmark  # noqa: E402
-from training.demo_pair import cache_root  # noqa: E402
-from training.eval_draft import chain_agreement, latency  # noqa: E402
-from training.tracking import start_run  # noqa: E402
-from training.train_draft import ensure_teacher  # noqa: E402
+from models.config import repo_path
+from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
+from training import teacher_data
+from training.benchmark import format_table, load_prompts, run_benchmark
+from models.demo_pair import cache_root
+from training.jsonl import read_jsonl
+from training.eval_draft import chain_agreement, latency
+from training.tracking import start_run
+from training.train_draft import ensure_teacher
 
 
 def run(cfg: DictConfig) -> dict:
@@ -52,7 +49,7 @@ def run(cfg: DictConfig) -> dict:
                                 cache_root(m.cache_dir), m.device, prefix="evalset", forbid=())
         data = teacher_data.load_shards(shards)
         t0 = time.time()
-        rows = [json.loads(line) for line in (repo_path(cfg.data_dir) / e.prompt_file).read_text().splitlines() if line.strip()]
+        rows = read_jsonl(repo_path(cfg.data_dir) / e.prompt_file, ("id", "prompt"), hint="data_dir, eval_draft.prompt_file")
         category = {r["id"]: r.get("category", "") for r in rows}
         groups = [category.get(pid, "") for meta in data["meta"] for pid in meta["prompt_ids"]]
         result["agreement"] = chain_agreement(drafter, data, e.chain_depth, decoder.device, groups)

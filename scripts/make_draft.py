@@ -10,15 +10,11 @@ $TREESPEC_CACHE (default ~/.cache/treespec)/smollm2-135m-draft-<draft.tag>.
 
 import json
 import logging
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from training.demo_pair import MARKER, ensure_demo_draft  # noqa: E402
+from models.demo_pair import MARKER, ensure_demo_draft
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

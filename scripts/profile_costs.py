@@ -9,17 +9,13 @@ $TREESPEC_CACHE/costs/costs-<hash of machine, threads, dtype, pair, sizes>.json 
 holds) and a PNG plot next to it. Returns verify(16) / verify(1).
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig  # noqa: E402
-from training.profile_costs import cost_file, load_or_profile, plot_costs  # noqa: E402
-from training.tracking import start_run  # noqa: E402
+from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
+from models.cost_profile import cost_file, load_or_profile, plot_costs
+from training.tracking import start_run
 
 
 def verify_ratio(model) -> float:

@@ -9,16 +9,12 @@ Prints R², cosine and the top-1 agreement of the target's head on the aligned s
 """
 
 import logging
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from training.learned_core import run_train_alignment  # noqa: E402
-from training.tracking import start_run  # noqa: E402
+from training.learned_core import run_train_alignment
+from training.tracking import start_run
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

@@ -11,21 +11,18 @@ model.draft_model_name, or evaluate it with scripts/eval_draft.py.
 
 import json
 import logging
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from models.eagle import META  # noqa: E402
-from training.tracking import start_run  # noqa: E402
-from training.train_draft import train_draft  # noqa: E402
+from models.eagle import META
+from training.tracking import start_run
+from training.train_draft import train_draft
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
+    """Returns the held-out top-1 agreement of the first drafted token (a sweeper can optimise it)."""
     logging.getLogger("training").setLevel(logging.INFO)
     tracker = start_run(cfg, "train_draft")
     try:
@@ -36,6 +33,8 @@ def main(cfg: DictConfig) -> None:
     print(f"draft: {out}")
     for key in ("steps", "train_seconds", "train_answer_tokens", "vocab_size", "heldout_vocab_coverage", "heldout"):
         print(f"  {key}: {meta.get(key)}")
+    heldout = meta.get("heldout")
+    return float(heldout.get("top1", 0.0)) if isinstance(heldout, dict) else 0.0
 
 
 if __name__ == "__main__":

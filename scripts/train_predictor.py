@@ -11,16 +11,12 @@ draft-probability and C2T baselines, on held-out prompts (and on the shift trace
 """
 
 import logging
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from training.learned_core import run_train_predictor  # noqa: E402
-from training.tracking import start_run  # noqa: E402
+from training.learned_core import run_train_predictor
+from training.tracking import start_run
 
 KEYS = ("auroc", "brier", "ece_uncalibrated", "ece_calibrated", "temperature", "baseline_auroc", "baseline_ece",
         "c2t_auroc", "c2t_ece", "n_train", "n_heldout")

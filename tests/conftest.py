@@ -12,8 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import (  # noqa: E402
-    GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
-    OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel,
+    GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+    OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
 )
 
 # Tiny models gain nothing from threads, and oversubscribed threads on a busy 2-core box are slow.
@@ -21,12 +22,18 @@ torch.set_num_threads(1)
 
 VOCAB = 96
 ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox", "opt")
+# Sliding-window attention (``window`` keys): in every layer (mistral, phi3), alternating with full
+# layers from a sliding one (gemma2, gemma3), or after the first, full, layer (qwen2_sw: Qwen2 with
+# use_sliding_window and max_window_layers=1).
+SLIDING_ARCHS = ("mistral", "phi3", "gemma2", "gemma3", "qwen2_sw")
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = VOCAB, layers: int = 2, context: int = 256,
-               attn: str = "sdpa") -> torch.nn.Module:
+               attn: str = "sdpa", window: int = 8) -> torch.nn.Module:
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=context, **common)
     if arch == "llama":
         cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=context, **common)
@@ -42,6 +49,23 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = VOCAB, layers: i
         cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                             max_position_embeddings=context, **common)
         cls = GPTNeoXForCausalLM
+    elif arch == "mistral":
+        cfg, cls = MistralConfig(sliding_window=window, **small), MistralForCausalLM
+    elif arch == "phi3":
+        cfg, cls = Phi3Config(sliding_window=window, **small), Phi3ForCausalLM
+    elif arch == "qwen2_sw":
+        cfg = Qwen2Config(use_sliding_window=True, sliding_window=window, max_window_layers=1, **small)
+        cls = Qwen2ForCausalLM
+    elif arch in ("gemma2", "gemma3"):
+        # sliding, full, sliding, ...; final_logit_softcapping off: tanh-saturated logits would make
+        # near-ties of the sharpened head
+        kinds = ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
+        gemma = dict(head_dim=8, sliding_window=window, layer_types=kinds, final_logit_softcapping=None, **small)
+        if arch == "gemma2":
+            cfg, cls = Gemma2Config(**gemma), Gemma2ForCausalLM
+            attn = "eager"  # transformers has no sdpa path for Gemma 2 (attention logit softcapping)
+        else:
+            cfg, cls = Gemma3TextConfig(**gemma), Gemma3ForCausalLM
     elif arch == "opt":
         cfg = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=layers, num_attention_heads=4,
                         max_position_embeddings=context, word_embed_proj_dim=32, **common)

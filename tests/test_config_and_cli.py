@@ -50,9 +50,20 @@ def test_generate_cli_and_sweep(tiny_pair_dirs, tmp_path):
     pair = [f"model.target_model_name={tiny_pair_dirs / 'target'}", f"model.draft_model_name={tiny_pair_dirs / 'draft'}",
             "prompt='w5 w6 w7'", "decoding.max_new_tokens=12", f"output_dir={tmp_path}"]
     out = run_script("generate.py", *pair, "decoding.method=chain")
-    assert '"method": "chain"' in out and '"new_tokens": 12' in out
+    assert "12 new tokens in" in out and "tok/s (chain)" in out and "tau " in out and "time: prefill" in out
+    written = list((tmp_path / "hydra").glob("*/generate.json"))
+    assert len(written) == 1
+    result = json.loads(written[0].read_text())
+    assert result["summary"]["new_tokens"] == 12 and result["stats"]["method"] == "chain" and result["compare"] is None
+    assert result["text"] and result["config"]["decoding"]["method"] == "chain"
+    out = run_script("generate.py", *pair, "compare=true", "hydra.run.dir=" + str(tmp_path / "cmp"))
+    assert "target alone:" in out and "speedup" in out and "identical to the target alone" in out
+    cmp = json.loads((tmp_path / "cmp" / "generate.json").read_text())["compare"]
+    assert cmp["identical"] is True and cmp["speedup"] > 0 and cmp["target_only_stats"]["method"] == "target_only"
+    out = run_script("generate.py", *pair, "compare=true", "decoding=sampling", "hydra.run.dir=" + str(tmp_path / "smp"))
+    assert "sampled: not compared token by token" in out
     out = run_script("generate.py", "-m", *pair, "decoding.method=tree,target_only", "tree_search=static,dynamic")
-    assert out.count('"new_tokens": 12') == 4
+    assert out.count("12 new tokens in") == 4
 
 
 def test_benchmark_cli(tiny_pair_dirs, tmp_path):
@@ -116,7 +127,7 @@ def test_benchmark_variants_run_in_the_same_run(default_config):
 
     target = tiny_model("llama")
     decoder = SpeculativeDecoder.from_models(target, tiny_model("llama", seed=1), tiny_tokenizer(), default_config)
-    before = decoder.config.tree_search.max_nodes
+    before = decoder.config.tree_search.max_nodes, decoder.config.pruning.strategy
     prompts = [{"id": f"p{i}", "prompt": f"w{i + 5} w7"} for i in range(3)]
     out = run_benchmark(decoder, prompts, ["target_only", "tree"], 10, 64, 1, {"do_sample": False}, log=lambda *_: None,
                         variants={"big": {"tree_search": {"max_nodes": 12, "max_depth": 4}},
@@ -125,7 +136,7 @@ def test_benchmark_variants_run_in_the_same_run(default_config):
     assert set(rows) == {"target_only", "tree", "big", "pruned"}
     assert all(r["identical"] == 2 for r in rows.values())
     assert rows["pruned"]["nodes_per_step"] <= 2
-    assert decoder.config.tree_search.max_nodes == before and decoder.config.pruning.strategy == "none"
+    assert (decoder.config.tree_search.max_nodes, decoder.config.pruning.strategy) == before
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))

@@ -14,7 +14,7 @@ from models.config import CONFIG_DIR
 from models.cost_model import CostModel, interpolate
 from speculative_decoder import SpeculativeDecoder
 from test_lossless_greedy import hf_greedy, make_config, prompts
-import training.profile_costs as pc
+import models.cost_profile as pc
 
 TINY = dict(node_counts=(1, 4), widths=(1, 2), context=8, repeats=1)
 

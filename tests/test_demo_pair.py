@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from training.demo_pair import ensure_demo_target
+from models.demo_pair import ensure_demo_target
 from training.draft_distill import make_truncated_draft
 from speculative_decoder import SpeculativeDecoder, load_model, load_tokenizer
 

@@ -1,6 +1,5 @@
 """EAGLE-style drafter: lossless with any head, cache kept on true target features, checkpoints."""
 
-import dataclasses
 
 import pytest
 import torch

@@ -25,9 +25,11 @@ from training.traces import TraceRecorder
 from test_lossless_sampling import N, P_MIN, V, Table, exact_distribution, goodness_of_fit, memoized
 
 # 3 + 9 + 9 + 9 nodes drafted, 10 kept: the ranking decides which (12 would keep depths 1-2 whatever the ranking)
-TREE = ["decoding.method=tree", "tree_search=dynamic", "tree_search.max_depth=4", "tree_search.max_candidates=3",
+# pruning=none: these tests are about what the learned core scores and drafts (test_tree_pruner.py
+# covers pruning on top of it), and an unpruned tree keeps every scored node observable.
+TREE = ["pruning=none", "decoding.method=tree", "tree_search=dynamic", "tree_search.max_depth=4", "tree_search.max_candidates=3",
         "tree_search.max_nodes=10"]
-STATIC = ["decoding.method=tree", "tree_search=static", "tree_search.max_depth=3", "tree_search.branching=[3,2,1]",
+STATIC = ["pruning=none", "decoding.method=tree", "tree_search=static", "tree_search.max_depth=3", "tree_search.branching=[3,2,1]",
           "tree_search.max_nodes=16"]
 ALIGNED_COLS = [COLUMN[n] for n in ALIGNED_FEATURES]
 PROMPTS = [[5, 9, 17, 33], [40, 2, 71], [88, 13, 13, 60, 4, 21]]

@@ -10,8 +10,10 @@
 - sampling lossless (the chi-square / TV machinery of test_lossless_sampling.py, same sample counts
   and thresholds) for node-level pruning with top-k children and group-level pruning with iid and
   without-replacement draws; node-level pruning of random draws is biased (negative control);
-- refusals: cost_aware with random child draws, out-of-range pruning values, at construction and
-  when set on a built config before ``generate``.
+- cost_aware with random child draws: whole groups added greedily on hand-built trees, decided
+  without looking at the group or below, lossless in the chi-square test, its estimate learned online;
+- refusals: out-of-range pruning values, at construction and when set on a built config before
+  ``generate``; cost_aware without a profile.
 """
 
 import dataclasses
@@ -23,6 +25,7 @@ import torch
 
 from conftest import ARCHS, noisy_copy, tiny_model
 from models.config import SpeculativeDecodingConfig
+from models.cost_model import CostModel
 from models.draft_tree_search import DraftTreeSearch, TreeShape
 from models.errors import ConfigError
 from models.sampling import logits_to_probs
@@ -130,6 +133,49 @@ def test_hand_built_tree(random_draws, cases):
         assert len(tree) == 8  # the input tree is left as it was
 
 
+def linear_cost(slope: float, base: float = 10.0, draft: float = 0.0) -> CostModel:
+    """verify(N) = base + slope * (N - 1) ms, every draft level ``draft`` ms."""
+    return CostModel(verify_ms={1: base, 64: base + slope * 63}, draft_ms={1: draft, 8: draft})
+
+
+# cost_aware with random draws, groups in order 0 {1, 2}, 1 {3, 4}, 3 {7}, 2 {5}, 5 {6}, each credited
+# its parent's path probability x group_accept (0.5): .5, .3, .165, .15, .135. Worked by hand with
+# verify(N) = 10 + slope (N - 1), no draft time: a group joins when it raises (value + 1) / verify.
+GROUP_COST_CASES = [  # (cost model, kept nodes, credited value)
+    # slope 2: {1,2} 1.5/14 > 1/10; +{3,4} 1.8/18 < 1.5/14; {7}: parent cut; +{5} 1.65/16 < .107
+    (linear_cost(2.0), {1, 2}, .5),
+    # slope 1.2: .1210, .1216, .1228, .12297 each better; +{6} 2.25/18.4 = .1223 is not
+    (linear_cost(1.2), ALL - {6}, 1.115),
+    (linear_cost(.25), ALL, 1.25),
+    # the root's group costs more than it earns: nothing is verified
+    (CostModel(verify_ms={1: 10, 3: 20, 64: 200}, draft_ms={1: 0}), set(), 0.0),
+    # non-monotone: verify(5) < verify(3); 2-node and 4-node sets each pay
+    (CostModel(verify_ms={1: 10, 3: 14, 5: 12, 8: 13}, draft_ms={1: 0}), ALL, 1.25),
+]
+
+
+@pytest.mark.parametrize("case", range(len(GROUP_COST_CASES)))
+def test_cost_aware_by_whole_groups(case):
+    cost, want, value = GROUP_COST_CASES[case]
+    tree = build(SPEC)
+    result = TreePruner(pruning(strategy="cost_aware"), cost).prune(tree, random_draws=True)
+    assert kept(result) == want
+    assert result.verified == len(want) and result.expected == pytest.approx(value, rel=1e-6)
+
+
+def test_group_accept_learns_from_realised_tokens():
+    pruner = TreePruner(pruning(strategy="cost_aware"), linear_cost(1.0))
+    start = pruner.group_accept
+    pruner.observe(1.0, 3, random_draws=True)  # more accepted than credited: up
+    assert pruner.group_accept > start
+    high = pruner.group_accept
+    for _ in range(50):
+        pruner.observe(2.0, 0, random_draws=True)
+    assert 0.02 <= pruner.group_accept < high
+    pruner.observe(1.0, 3)  # node-level values are not rescaled
+    assert pruner.group_accept < high
+
+
 def test_path_probs_from_predictor_when_present():
     """With accept_prob the path probability is the product of the predictor's conditional
     probabilities (root 1), and the strategies rank by it; without, by the draft's probabilities."""
@@ -219,12 +265,18 @@ def random_pruner(rng: random.Random, strategy: str, n: int) -> TreePruner:
                   level=dict(level_topk=rng.randint(1, 4)),
                   ratio=dict(pruning_ratio=rng.choice([0.0, rng.uniform(0, .99)])),
                   budget=dict(max_verify_nodes=rng.randint(1, n + 1))).get(strategy, {})
-    return TreePruner(pruning(strategy=strategy, **values))
+    cost = None
+    if strategy == "cost_aware":  # a random, possibly non-monotone verify curve
+        sizes = sorted(rng.sample(range(2, 64), 3))
+        cost = CostModel(verify_ms={1: 10.0, **{k: rng.uniform(8, 40) for k in sizes}},
+                         draft_ms={1: rng.uniform(0, 3), 8: rng.uniform(0, 6)})
+    return TreePruner(pruning(strategy=strategy, **values), cost)
 
 
-def check_subtree(tree: DraftTree, result) -> list[int]:
+def check_subtree(tree: DraftTree, result, credited: float | None = None) -> list[int]:
     """The pruned tree is a topologically ordered sub-tree closed under ancestors that maps back to
-    the original nodes; returns its origin (original index of each node)."""
+    the original nodes; returns its origin (original index of each node). ``credited``: cost_aware by
+    groups, whose expected value is each kept group's parent path probability times this."""
     sub = result.tree
     origin = list(range(len(tree))) if sub.origin is None else sub.origin.tolist()
     assert origin[0] == 0 and origin == sorted(set(origin)) and origin[-1] < len(tree)
@@ -239,7 +291,12 @@ def check_subtree(tree: DraftTree, result) -> list[int]:
     if tree.accept_prob is not None:
         assert sub.accept_prob.tolist() == tree.accept_prob[origin].tolist()
     assert result.drafted == tree.num_drafted and result.verified == len(sub) - 1
-    assert result.expected == pytest.approx(float(tree.path_probs()[origin[1:]].sum()), rel=1e-5, abs=1e-6)
+    pp = tree.path_probs()
+    if credited is None:
+        expected = float(pp[origin[1:]].sum())
+    else:
+        expected = credited * sum(float(pp[u]) for u in {int(tree.parents[i]) for i in origin[1:]})
+    assert result.expected == pytest.approx(expected, rel=1e-5, abs=1e-6)
     return origin
 
 
@@ -270,6 +327,17 @@ def check_limits(tree: DraftTree, pruner: TreePruner, origin: list[int], random_
         for i in origin[1:]:
             per_depth[int(tree.depth[i])] = per_depth.get(int(tree.depth[i]), 0) + 1
         assert all(v <= c.level_topk for v in per_depth.values())
+    elif pruner.strategy == "cost_aware":
+        cost = pruner.cost
+        if not random_draws:  # the best prefix of the nodes by path probability
+            cum = [0.0] + sorted(pp[1:].tolist(), reverse=True)
+            cum = [sum(cum[: k + 1]) for k in range(n + 1)]
+            rates = [cost.rate(cum[k], 0.0, k) for k in range(n + 1)]
+            assert cost.rate(float(pp[origin[1:]].sum()), 0.0, kept_n) == pytest.approx(max(rates), rel=1e-6)
+        else:  # no single kept group whose removal (with everything below it) would raise the rate
+            value = lambda nodes: pruner.group_accept * sum(float(pp[u]) for u in {int(tree.parents[i]) for i in nodes})
+            now = cost.rate(value(origin[1:]), 0.0, kept_n)
+            assert kept_n == 0 or now > cost.rate(0.0, 0.0, 0) or math.isclose(now, cost.rate(0.0, 0.0, 0))
     else:
         assert kept_n == n
 
@@ -283,19 +351,20 @@ def check_whole_groups(tree: DraftTree, origin: list[int]) -> None:
 
 def test_random_trees_properties():
     rng = random.Random(0)
-    strategies = [s for s in STRATEGIES if s != "cost_aware"]
     for t in range(200):
         tree = random_tree(rng, scored=t % 2 == 1)
-        for strategy in strategies:
+        for strategy in STRATEGIES:
             for random_draws in (False, True):
                 pruner = random_pruner(rng, strategy, tree.num_drafted)
                 result = pruner.prune(tree, random_draws=random_draws)
-                origin = check_subtree(tree, result)
+                origin = check_subtree(tree, result, credited=pruner.group_accept
+                                       if strategy == "cost_aware" and random_draws else None)
                 check_limits(tree, pruner, origin, random_draws)
                 if random_draws:
                     check_whole_groups(tree, origin)
                 again = pruner.prune(result.tree, random_draws=random_draws)  # origin composes
-                check_subtree(tree, dataclasses.replace(again, drafted=tree.num_drafted))
+                check_subtree(tree, dataclasses.replace(again, drafted=tree.num_drafted),
+                              credited=pruner.group_accept if strategy == "cost_aware" and random_draws else None)
 
 
 def test_group_decisions_ignore_the_group_and_below():
@@ -304,7 +373,7 @@ def test_group_decisions_ignore_the_group_and_below():
     (without replacement a node may get fewer children than the width; a dynamic search expands
     other nodes), never changes whether the parent's group is kept."""
     rng, g = random.Random(1), torch.Generator().manual_seed(1)
-    strategies = [s for s in STRATEGIES if s != "cost_aware"]
+    strategies = STRATEGIES
     kept_groups = 0
     for t in range(200):
         tree = random_tree(rng, scored=t % 2 == 1)
@@ -328,7 +397,7 @@ def test_group_decisions_ignore_the_group_and_below():
             pruner = random_pruner(rng, strategy, tree.num_drafted)
             first = groups[u][0]
             a = first in kept(pruner.prune(tree, random_draws=True))
-            b = first in kept(TreePruner(pruner.cfg).prune(other, random_draws=True))
+            b = first in kept(TreePruner(pruner.cfg, pruner.cost).prune(other, random_draws=True))
             assert a == b, (t, strategy, pruner.cfg, u, sorted(cut))
             kept_groups += a
     assert kept_groups > 100
@@ -387,6 +456,9 @@ PRUNED_VARIANTS = {
     # random children: whole sibling groups
     # (the budget's last group: the second depth-1 group or, when likelier, a depth-2 group)
     "dynamic-iid-budget": ("dynamic", 3, 2, [2, 2, 2], 8, "iid", 1.0, 0, 1.0, dict(strategy="budget", max_verify_nodes=6), 11),
+    # cost_aware by whole groups, its group_accept estimate moving with every step's feedback
+    "dynamic-iid-cost_aware": ("dynamic", 3, 2, [2, 2, 2], 8, "iid", 1.0, 0, 1.0,
+                               dict(strategy="cost_aware", cost=linear_cost(1.0, draft=1.0)), 11),
     # top-p leaves some nodes fewer children than the width: a cap on all drafted nodes would keep
     # the root's group only when its children happen to have wide distributions (TV 0.2 here)
     "static-without_replacement-ratio": ("static", 2, 2, [2, 2], 6, "without_replacement", 1.0, 0, .8,
@@ -414,6 +486,8 @@ def pruned_speculative_sample(table, search, pruner, to_probs, prompt, root, gen
                 memo[key] = tree, logits
         tree, logits = memo[key] if memo is not None else (tree, logits)
         path, nxt = verify_sampling(tree, logits, to_probs, search.child_draw, generator)
+        if memo is None:
+            pruner.observe(result.expected, len(path) - 1, search.random_draws)
         drafter.commit(tree, path)
         out += tree.tokens[path[1:]].tolist() + [nxt]
         root = nxt
@@ -426,7 +500,9 @@ def run_pruned_variant(name: str, n: int = N, seed: int = 0, variants=None):
     table = Table(seed=table_seed, noise=1.5)
     to_probs = memoized(lambda logits: logits_to_probs(logits, temperature, top_k, top_p))
     search = DraftTreeSearch(TreeShape(mode, depth, width, max_nodes, branching), to_probs, draw)
-    pruner = TreePruner(pruning(**values))
+    values = dict(values)
+    cost = values.pop("cost", None)
+    pruner = TreePruner(pruning(**values), cost)
     deterministic = draw == "topk" and pruner.strategy != "adaptive"
     memo = {} if deterministic else None
     prompt, root = [3, 1, 4], 2
@@ -451,7 +527,7 @@ def test_node_level_pruning_of_random_draws_is_biased(monkeypatch):
     import models.tree_pruner as tree_pruner
 
     monkeypatch.setattr(tree_pruner.TreePruner, "_keep_groups",
-                        lambda self, tree, pp: self._keep_nodes(tree, pp, 0.0))
+                        lambda self, tree, pp, draft_ms=0.0: self._keep_nodes(tree, pp, draft_ms))
     variants = {"iid-nodes": ("static", 1, 3, [3], 3, "iid", 1.0, 0, 1.0, dict(strategy="budget", max_verify_nodes=1), 11)}
     samples, probs, _ = run_pruned_variant("iid-nodes", n=N // 10, variants=variants)
     pvalue, tv, bound = goodness_of_fit(samples, probs)
@@ -497,26 +573,21 @@ def test_bad_pruning_values_refused(override, key, assign, decoder):
 
 
 @pytest.mark.parametrize("draw", ["iid", "without_replacement"])
-def test_cost_aware_refused_with_random_child_draws(draw, decoder):
+def test_cost_aware_with_random_child_draws(draw, decoder):
+    """Allowed since cost_aware prunes random draws by whole groups; runs end to end."""
     overrides = ["pruning=cost_aware", "decoding=sampling", f"tree_search.child_draw={draw}"]
-    with pytest.raises(ConfigError, match=r"pruning\.strategy"):
-        SpeculativeDecodingConfig.from_overrides(overrides)
-    # allowed: deterministic top-k children, or greedy decoding (which always drafts top-k)
-    SpeculativeDecodingConfig.from_overrides(overrides[:2] + ["tree_search.child_draw=topk"])
-    SpeculativeDecodingConfig.from_overrides(["pruning=cost_aware", f"tree_search.child_draw={draw}"])
+    assert SpeculativeDecodingConfig.from_overrides(overrides).pruning.strategy == "cost_aware"
     prompt = torch.tensor([[5, 6, 7]])
-    old = decoder.config.tree_search.child_draw, decoder.config.pruning.strategy
-    decoder.config.tree_search.child_draw = draw
-    decoder.config.pruning.strategy = "cost_aware"
+    old = decoder.config.tree_search.child_draw, decoder.config.pruning.strategy, decoder.config.pruning.cost_profile
+    decoder.config.tree_search.child_draw, decoder.config.pruning.strategy = draw, "cost_aware"
     try:
-        with pytest.raises(ConfigError, match=r"pruning\.strategy"):
-            decoder.generate(prompt, max_new_tokens=4)
+        _, stats = decoder.generate(prompt, max_new_tokens=12, do_sample=True, temperature=1.0)
+        assert stats.new_tokens == 12 and stats.steps >= 1
     finally:
-        decoder.config.tree_search.child_draw, decoder.config.pruning.strategy = old
-    # the pruner itself refuses per-node values on random draws
-    pruner = TreePruner(pruning(strategy="cost_aware"), cost=object())
-    with pytest.raises(ValueError, match="cost_aware"):
-        pruner.prune(build(SPEC), random_draws=True)
+        decoder.config.tree_search.child_draw, decoder.config.pruning.strategy, decoder.config.pruning.cost_profile = old
+
+
+def test_pruner_refusals():
     with pytest.raises(ValueError, match="cost profile"):
         TreePruner(pruning(strategy="cost_aware"))
     cfg = pruning(strategy="budget")

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from models.errors import ConfigError, ModelLoadError
+from models.prompts import exchange_ids
+from training.jsonl import read_jsonl
 from training.teacher_data import interleave
 
 log = logging.getLogger(__name__)
@@ -79,18 +81,12 @@ def _read_rows(data_dir: Path, train_files: Mapping[str, str]) -> list[list[tupl
         if any(e in name for e in EVAL_SETS):
             raise ConfigError(f"draft.train_files names {name}, an evaluation set; train on "
                               "train-only files (alpaca_train_2k, gsm8k_train, t0_train_sample)")
-        path = data_dir / name
-        if not path.is_file():
-            raise ModelLoadError(f"draft training file {path} is missing (config key `data_dir`"
-                                 f" = {data_dir}, draft.train_files)")
         rows = []
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                row = json.loads(line)
-                answer = str(row[field])
-                for suffix in STRIP_SUFFIXES:
-                    answer = answer.removesuffix(suffix)
-                rows.append((row["prompt"], answer.strip()))
+        for row in read_jsonl(data_dir / name, ("prompt", field), hint=f"config key `data_dir` = {data_dir}, draft.train_files"):
+            answer = str(row[field])
+            for suffix in STRIP_SUFFIXES:
+                answer = answer.removesuffix(suffix)
+            rows.append((row["prompt"], answer.strip()))
         per_file.append(rows)
     return per_file
 
@@ -100,18 +96,10 @@ def _encode(tokenizer, prompt: str, answer: str, max_len: int) -> tuple[list[int
 
     The prompt and answer are tokenized apart so the boundary is exact; the draft sees exactly
     the format it drafts in at inference (chat template with the generation prompt)."""
-    user = [{"role": "user", "content": prompt}]
-    if getattr(tokenizer, "chat_template", None):
-        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}],
-                                             tokenize=False)
-        tail = full[len(head):] if full.startswith(head) else answer
-    else:
-        head, tail = prompt + "\n", answer + (tokenizer.eos_token or "")
-    p = tokenizer(head, add_special_tokens=False).input_ids
-    ids = (p + tokenizer(tail, add_special_tokens=False).input_ids)[:max_len]
+    full, start = exchange_ids(tokenizer, prompt, answer)
+    ids = full[:max_len]
     # A prompt that fills the window leaves no answer position to learn from or score: skip it.
-    return (ids, len(p)) if len(ids) - len(p) >= 2 else None
+    return (ids, start) if len(ids) - start >= 2 else None
 
 
 def _batches(seqs: list[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int):
@@ -261,7 +249,7 @@ def build_quick_draft(target_dir, out_dir, cfg, data_dir, progress: bool = True)
     """Make, train, evaluate and save the draft; ``out_dir`` appears only once it is complete."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.demo_pair import write_marker
+    from models.demo_pair import write_marker
 
     t0 = time.perf_counter()
     target_dir, out_dir = Path(target_dir), Path(out_dir)

@@ -35,6 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.errors import ConfigError, ModelLoadError
+from models.prompts import prompt_ids
+from training.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,7 @@ def read_prompts(data_dir: Path, files: list[str], seed: int, forbid: tuple[str,
         if any(f in name for f in forbid):
             raise ConfigError(f"{name} is an evaluation set; the teacher data for training must come "
                               f"from train-only files")
-        path = Path(data_dir) / name
-        if not path.is_file():
-            raise ModelLoadError(f"prompt file {path} is missing (config key `data_dir` = {data_dir})")
-        with open(path, encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
+        rows = read_jsonl(Path(data_dir) / name, ("id", "prompt"), hint=f"config key `data_dir` = {data_dir}")
         per_file.append([{"id": r["id"], "prompt": r["prompt"]} for r in rows])
     return interleave(per_file, seed)
 
@@ -77,12 +75,8 @@ def interleave(per_file: list[list], seed: int) -> list:
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = prompt + "\n"
-    return tokenizer(text, add_special_tokens=False).input_ids
+    """The prompt as decoding feeds it (``models.prompts.prompt_ids``, chat template included)."""
+    return prompt_ids(tokenizer, prompt)
 
 
 class _NormCapture:

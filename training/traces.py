@@ -274,7 +274,7 @@ def run_collect(cfg, tracker=None) -> Path:
     if t.out_dir:
         out_dir = repo_path(t.out_dir)
     else:
-        from training.demo_pair import cache_root
+        from models.demo_pair import cache_root
 
         out_dir = cache_root(cfg.model.cache_dir) / f"traces-{t.tag}-{cache_key(trace_identity(decoder), settings)}"
     rows = read_prompt_rows(repo_path(cfg.data_dir), list(t.files), int(t.seed), bool(t.allow_eval))[: int(t.num_prompts)]

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from models.errors import ConfigError
 from training import teacher_data
-from training.demo_pair import cache_root
+from models.demo_pair import cache_root
 from training.draft_distill import EVAL_SETS
 
 log = logging.getLogger(__name__)

@@ -114,7 +114,7 @@ def _key_hash(key: dict) -> str:
 
 def default_cache_dir(decoder=None) -> Path:
     """$TREESPEC_CACHE/costs (or the decoder's ``model.cache_dir``/costs)."""
-    from training.demo_pair import cache_root
+    from models.demo_pair import cache_root
 
     cache_dir = getattr(getattr(getattr(decoder, "config", None), "model", None), "cache_dir", None)
     return cache_root(cache_dir) / "costs"

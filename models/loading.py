@@ -1,0 +1,161 @@
+"""Loading models for decoding: local directories, the demo names, checkpoints; pair checks.
+
+Kept apart from the decode loop (``speculative_decoder``), which imports these names. The demo
+names resolve through ``models.demo_pair`` (which converts the demo target once and, for
+``demo:draft-lm`` only, builds the small-LM draft with ``training.draft_distill`` on first use).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.drafter import Drafter
+from models.errors import ConfigError, ModelLoadError, VocabularyMismatchError
+
+__all__ = ["resolve_model_path", "resolve_checkpoint", "load_model", "load_draft", "load_tokenizer", "check_device", "module_device",
+           "check_same_vocabulary", "context_length", "eos_token_ids"]
+
+
+def resolve_model_path(name: str, cache_dir: str | None = None, data_dir: str | None = None) -> Path:
+    """A local model directory for ``name``; the demo names are built (or found) on first use.
+
+    ``demo:draft``     the shipped default draft for the demo target: the EAGLE-style head in
+                       models/checkpoints/smollm2-135m-eagle (made by scripts/train_draft.py draft=eagle)
+    ``demo:draft-lm``  an independent small causal LM draft (the target's first layers, distilled;
+                       configs/draft/quick.yaml, built on first use by scripts/make_draft.py); Hugging
+                       Face assisted generation can use it, as it is a plain HF model
+    """
+    from omegaconf import OmegaConf
+
+    from models.config import CONFIG_DIR, default_config
+    from models import demo_pair
+
+    if name == demo_pair.DEMO_TARGET:
+        return demo_pair.ensure_demo_target(cache_dir)
+    if name == demo_pair.DEMO_DRAFT:
+        from models.eagle import is_eagle_draft
+
+        shipped = demo_pair.SHIPPED_DRAFT
+        if not is_eagle_draft(shipped):
+            raise ModelLoadError(f"the shipped demo draft {shipped} is missing; remake it with "
+                                 "`python scripts/train_draft.py draft=eagle out_dir=models/checkpoints/smollm2-135m-eagle`"
+                                 " or use model.draft_model_name=demo:draft-lm")
+        return shipped
+    if name == demo_pair.DEMO_DRAFT_LM:
+        recipe = OmegaConf.load(CONFIG_DIR / "draft" / "quick.yaml")
+        return demo_pair.ensure_demo_draft(cache_dir, recipe, data_dir or default_config().data_dir)
+    path = Path(name).expanduser()
+    if not path.exists():
+        hint = (" It looks like a hub id; model hubs are not reachable here, so download the model elsewhere "
+                "and pass its local directory." if "/" in name and not name.startswith((".", "/", "~")) else "")
+        raise ModelLoadError(f"model path does not exist: {name!r}.{hint}")
+    from models.eagle import META, is_eagle_draft
+
+    if not (path / "config.json").is_file() and not is_eagle_draft(path):
+        raise ModelLoadError(f"{path} is neither a Hugging Face model directory (no config.json) nor an "
+                             f"EAGLE draft (no {META})")
+    return path
+
+
+def resolve_checkpoint(name: str, kind: str, draft_name: str | None) -> Path:
+    """``demo:alignment`` / ``demo:predictor`` -> the shipped checkpoint for the configured demo
+    draft; anything else is a local checkpoint directory (checked when loaded)."""
+    from models import demo_pair
+
+    if name == f"demo:{kind}":
+        return demo_pair.shipped_checkpoint(kind, draft_name)
+    return Path(name).expanduser()
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32", attn_implementation: str | None = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), local_files_only=True,
+                                                     attn_implementation=attn_implementation)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from None
+    return model.to(device).eval()
+
+
+def load_draft(path: Path, target, m) -> "torch.nn.Module | Drafter":
+    """An EAGLE-style head (a directory with eagle_head.json) as a Drafter, else an HF causal LM."""
+    from models.eagle import EagleDrafter, is_eagle_draft, load_eagle_draft
+
+    if is_eagle_draft(path):
+        return EagleDrafter(load_eagle_draft(path, target))
+    return load_model(path, m.device, m.dtype, m.attn_implementation)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load a tokenizer from {path}: {e}") from None
+
+
+def check_same_vocabulary(target, draft) -> None:
+    tv = target.get_output_embeddings().weight.shape[0]
+    dv = draft.get_output_embeddings().weight.shape[0]
+    if tv != dv:
+        raise VocabularyMismatchError(
+            f"draft vocabulary ({dv} tokens) differs from the target's ({tv}); speculative decoding needs a draft "
+            "that shares the target's tokenizer")
+
+
+def context_length(model) -> int:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if value:
+            return int(value)
+    return 1 << 30
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
+
+
+def check_device(device: str, dtype: str) -> torch.device:
+    """``model.device`` / ``model.dtype`` as torch objects, refused with a ConfigError before any
+    model is loaded when this machine cannot run them (no GPU, no bf16 on the GPU, ...)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"model.device={device!r} is not a device torch knows ({e}); e.g. cpu, cuda, cuda:1") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.device={device!r} but no CUDA GPU is visible to torch (torch.cuda.is_available() "
+                              f"is False; torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); "
+                              "use model.device=cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"model.device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"model.dtype=bfloat16 is not supported on {torch.cuda.get_device_name(dev)}; "
+                              "use model.dtype=float16 or float32")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"model.device={device!r} but the MPS backend is not available on this machine")
+    elif dev.type != "cpu":
+        raise ConfigError(f"model.device={device!r}: treespec runs on cpu, cuda or mps")
+    return dev
+
+
+def module_device(model) -> torch.device | None:
+    """Where a module's (or a Drafter's identity module's) first parameter lives; None if it has none."""
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "identity_module", None)
+    if module is None:
+        return None
+    try:
+        return next(module.parameters()).device
+    except StopIteration:
+        return None
