@@ -85,6 +85,7 @@ def cost_key(decoder, context: int = 200, node_counts: Sequence[int] = NODE_COUN
         "device": device_description(decoder.device),
         "dtype": str(target.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),  # MKL's code path (models/__init__.py) changes the curves
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "attn_implementation": getattr(target.config, "_attn_implementation", None),

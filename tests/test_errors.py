@@ -1,6 +1,5 @@
 """Bad input gets a clear, documented error (a TreeSpecError subclass), never a deep torch trace."""
 
-
 import pytest
 import torch
 
