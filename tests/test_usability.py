@@ -65,3 +65,27 @@ def test_one_prompt_encoding_for_decoding_and_training():
 
     assert chat_ids(tok, "w5 w6") == prompt_ids(tok, "w5 w6")
     assert config.decoding.use_chat_template
+
+
+def _cbwr_after_import(env_changes: dict) -> str:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "TREESPEC_MKL_AVX512")}
+    env.update(env_changes)
+    proc = subprocess.run([sys.executable, "-c", "import os, models; print(os.environ.get('MKL_CBWR'))"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def test_mkl_avx512_path_is_chosen_only_where_it_applies():
+    from pathlib import Path
+
+    try:
+        avx512 = " avx512f" in next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                                    if line.startswith("flags"))
+    except (OSError, StopIteration):
+        avx512 = False
+    assert _cbwr_after_import({}) == ("AVX512" if avx512 else "None")
+    assert _cbwr_after_import({"MKL_CBWR": "COMPATIBLE"}) == "COMPATIBLE"  # the user's choice wins
+    assert _cbwr_after_import({"TREESPEC_MKL_AVX512": "0"}) == "None"  # opt-out
