@@ -23,6 +23,7 @@ from training.benchmark import format_table, load_prompts, run_benchmark
 from models.demo_pair import cache_root
 from training.jsonl import read_jsonl
 from training.eval_draft import chain_agreement, latency
+from training.provenance import provenance
 from training.tracking import start_run
 from training.train_draft import ensure_teacher
 
@@ -69,6 +70,7 @@ def run(cfg: DictConfig) -> dict:
     tracker.log({f"{part}/{k}": v for part in ("agreement", "latency") for k, v in (result.get(part) or {}).items()
                  if isinstance(v, (int, float))})
     tracker.finish()
+    result["provenance"] = provenance(cfg, device=decoder.device)  # config, git commit, versions, machine
     path = repo_path(cfg.output_dir) / f"eval_draft-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from speculative_decoder import GenerationStats, SpeculativeDecoder, SpeculativeDecodingConfig
+from training.provenance import provenance
 from training.tracking import start_run
 
 
@@ -80,6 +81,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
             result["compare"] = compare
         print("\n\n" + format_summary(result["summary"], compare), flush=True)
         result["config"] = OmegaConf.to_container(cfg, resolve=True)
+        result["provenance"] = provenance(device=decoder.device)  # git commit, package versions, machine
         tracker.log({f"generate/{k}": v for k, v in result["summary"].items() if isinstance(v, (int, float))})
         if compare is not None:
             tracker.log({"generate/speedup": compare["speedup"]})

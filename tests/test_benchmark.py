@@ -222,3 +222,24 @@ def test_benchmark_main_returns_the_headline(noisy_pair_dirs, tmp_path):
     assert isinstance(value, float) and math.isfinite(value)
     assert value == result["headline"]["value"] == result["runs"]["0"]["rows"]["tree"]["speedup_vs_target_only"]
     assert result["selection"]["warmup_prompts"] == [] and len(result["runs"]["0"]["per_prompt"]) == 4
+
+
+def test_first_divergence_names_the_token_and_the_targets_margin():
+    from conftest import tiny_model
+    from speculative_decoder import SpeculativeDecodingConfig
+    from training.benchmark import first_divergence
+
+    target = tiny_model("llama")
+    target.generation_config.eos_token_id = None
+    decoder = SpeculativeDecoder.from_models(target, None, None, SpeculativeDecodingConfig.from_overrides(
+        ["decoding.method=target_only"]))
+    ids = torch.tensor([[5, 6, 7]])
+    reference = decoder.generate(ids, max_new_tokens=6)[0][0, 3:].tolist()
+    other = reference[:3] + [(reference[3] + 1) % 96] + reference[4:]
+    d = first_divergence(decoder, ids, reference, other)
+    assert (d["index"], d["reference_token"], d["token"]) == (3, reference[3], other[3])
+    logits = target(torch.tensor([[5, 6, 7, *reference[:3]]])).logits[0, -1]
+    top = torch.topk(logits, 2).values
+    assert d["margin"] == pytest.approx(float(top[0] - top[1]), rel=1e-5) and d["margin"] >= 0
+    shorter = first_divergence(decoder, ids, reference, reference[:4])  # stopped early: no margin
+    assert shorter["index"] == 4 and shorter["margin"] is None and shorter["token"] is None

@@ -29,6 +29,9 @@ Spec-Bench reports them), so a category's numbers are exactly the sums over its 
                         other) plus ``outside``: wall time of the call outside every phase (HF methods
                         have no phases: all their time is ``outside``); phase_ms_per_token per new token
   peak_memory_bytes     the largest per-run peak of the method (``PeakMemory`` says what is measured)
+  divergence_margins    greedy: for each output that differs from the first method's, the target's
+                        top-2 logit margin at the first differing token (``first_divergence``; the
+                        per-prompt records hold the index and tokens too)
   speedup_vs_<base>     tokens_per_s / the base method's tokens_per_s on the same prompts
 """
 
@@ -208,6 +211,25 @@ class PeakMemory:
         return None
 
 
+# ---------------------------------------------------------------------- exactness
+def first_divergence(decoder: SpeculativeDecoder, ids: torch.Tensor, reference: list[int], new: list[int]) -> dict:
+    """Where greedy output ``new`` first differs from ``reference`` (the first method's output, normally
+    target-only) and the target's top-2 logit margin there, computed by one target forward over the
+    prompt + the common prefix in the target's own dtype. A small margin means a near-tie that a
+    different kernel (another number of tokens per forward, another dtype) can flip."""
+    k = next((i for i, (a, b) in enumerate(zip(reference, new)) if a != b), min(len(reference), len(new)))
+    out = dict(index=k, reference_token=reference[k] if k < len(reference) else None,
+               token=new[k] if k < len(new) else None, margin=None)
+    if k >= len(reference) or k >= len(new):  # one stopped (EOS / limit) where the other went on
+        return out
+    prefix = torch.cat([ids[0], torch.tensor(reference[:k], dtype=ids.dtype)]).unsqueeze(0).to(decoder.device)
+    with torch.no_grad():
+        logits = decoder.target_model(input_ids=prefix, logits_to_keep=1).logits[0, -1].float()
+    top = torch.topk(logits, 2).values
+    out["margin"] = float(top[0] - top[1])
+    return out
+
+
 # ---------------------------------------------------------------------- records and aggregates
 def run_record(row: dict, method: str, new_tokens: int, seconds: float, stats: GenerationStats | None,
                peak_bytes: int | None, identical: bool | None) -> dict:
@@ -252,6 +274,7 @@ def aggregate(records: list[dict]) -> dict:
     else:
         rate_by_depth = None
     identical = None if any(r["identical"] is None for r in records) else sum(bool(r["identical"]) for r in records)
+    divergences = [r["divergence"] for r in records if r.get("divergence")]
     peaks = [r["peak_memory_bytes"] for r in records if r["peak_memory_bytes"] is not None]
     return dict(
         prompts=n, new_tokens=new, time_s=round(secs, 3), tokens_per_s=new / secs if secs else 0.0,
@@ -271,6 +294,7 @@ def aggregate(records: list[dict]) -> dict:
         phase_ms_per_token={k: 1000 * v / new if new else None for k, v in phases.items()},
         phase_share={k: round(v / secs, 3) for k, v in phases.items() if k != OUTSIDE} if stepped and secs else None,
         peak_memory_bytes=max(peaks) if peaks else None,
+        divergence_margins=sorted(d["margin"] for d in divergences if d["margin"] is not None),
     )
 
 
@@ -342,6 +366,8 @@ def run_benchmark(decoder: SpeculativeDecoder, prompts: list[dict], methods: lis
             if greedy:
                 reference = new if reference is None else reference
             records.append(run_record(row, m, len(new), seconds, stats, peak, (new == reference) if greedy else None))
+            if greedy and new != reference:  # where and how narrowly it left the reference (untimed)
+                records[-1]["divergence"] = first_divergence(decoder, ids, reference, new)
         log(f"[{i + 1}/{len(timed)}] {row['id']} ({category_of(row)}): " + ", ".join(
             f"{m} {aggregate([r for r in records if r['method'] == m])['tokens_per_s']:.1f} tok/s" for m in methods))
     rows, categories = summarize(records, methods)

@@ -241,4 +241,7 @@ def _write_metrics(out: Path, metrics: dict) -> None:
             return None
         return v
 
+    from training.provenance import provenance
+
+    metrics = dict(metrics, provenance=provenance())  # git commit, package versions, machine
     (out / "metrics.json").write_text(json.dumps(clean(metrics), indent=1) + "\n")
