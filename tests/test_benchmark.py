@@ -238,7 +238,8 @@ def test_first_divergence_names_the_token_and_the_targets_margin():
     other = reference[:3] + [(reference[3] + 1) % 96] + reference[4:]
     d = first_divergence(decoder, ids, reference, other)
     assert (d["index"], d["reference_token"], d["token"]) == (3, reference[3], other[3])
-    logits = target(torch.tensor([[5, 6, 7, *reference[:3]]])).logits[0, -1]
+    with torch.no_grad():
+        logits = target(torch.tensor([[5, 6, 7, *reference[:3]]])).logits[0, -1]
     top = torch.topk(logits, 2).values
     assert d["margin"] == pytest.approx(float(top[0] - top[1]), rel=1e-5) and d["margin"] >= 0
     shorter = first_divergence(decoder, ids, reference, reference[:4])  # stopped early: no margin
