@@ -522,6 +522,3 @@ class SpeculativeDecoder:
             raise InputError(f"prompt of {input_ids.shape[1]} tokens leaves no room in the context of "
                              f"{self.context_limit} tokens; shorten it to at most {self.context_limit - 1}")
         return input_ids.long()
-
-
-# ---------------------------------------------------------------------- loading (free functions)

@@ -68,16 +68,12 @@ class TreePruner:
         pp = tree.path_probs()  # [N], root 1
         if self.strategy == "none" or n == 0:
             return PruneResult(tree, n, n, float(pp[1:].sum()))
-        if random_draws:
-            keep = self._keep_groups(tree, pp, draft_ms)
-        else:
-            keep = self._keep_nodes(tree, pp, draft_ms)
-        kept, _ = tree.select(keep)
-        if random_draws and self.strategy == "cost_aware":  # what the sizing credited the kept groups with
-            kpp, expected = kept.path_probs(), 0.0
-            for u in kept.children_lists():
-                expected += float(kpp[u]) * self.group_accept
+        if random_draws and self.strategy == "cost_aware":  # expected = what the sizing credited the groups with
+            keep, expected, _ = self._greedy_groups(tree, pp, draft_ms)
+            kept, _ = tree.select(keep)
             return PruneResult(kept, n, kept.num_drafted, expected)
+        keep = self._keep_groups(tree, pp) if random_draws else self._keep_nodes(tree, pp, draft_ms)
+        kept, _ = tree.select(keep)
         return PruneResult(kept, n, kept.num_drafted, float(kept.path_probs()[1:].sum()))
 
     def _order(self, tree: DraftTree, pp: torch.Tensor) -> torch.Tensor:
@@ -142,8 +138,9 @@ class TreePruner:
                 value, nodes = value + gain, nodes + len(kids)
         return keep, value, nodes
 
-    def _keep_groups(self, tree: DraftTree, pp: torch.Tensor, draft_ms: float = 0.0) -> list[int]:
-        """Whole sibling groups, by the parent's path probability; a group needs its parent kept.
+    def _keep_groups(self, tree: DraftTree, pp: torch.Tensor) -> list[int]:
+        """Whole sibling groups, by the parent's path probability; a group needs its parent kept
+        (every strategy but cost_aware, which sizes groups by cost: ``_greedy_groups``).
 
         Whether a group is kept may depend on nothing drawn in it or below it. ``ratio`` therefore
         cannot cap against all drafted nodes: how many children a node below got depends on what was
@@ -155,8 +152,6 @@ class TreePruner:
         c, s = self.cfg, self.strategy
         groups = tree.children_lists()  # {parent: children}
         depth = tree.depth.tolist()
-        if s == "cost_aware":
-            return self._greedy_groups(tree, pp, draft_ms)[0]
         if s == "ratio":
             parents = sorted(groups, key=lambda u: (depth[u], -float(pp[u]), u))
             upto: dict[int, int] = {}  # parent depth d -> nodes drafted at depths <= d + 1

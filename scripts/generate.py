@@ -69,7 +69,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
             pieces.append(piece)
             print(piece, end="", flush=True)
         stats, ids = decoder.last_stats, decoder.last_ids
-        result = dict(prompt=cfg.prompt, text="".join(pieces), summary=summary(stats), stats=stats.as_dict(), compare=None)
+        result = dict(prompt=cfg.prompt, text="".join(pieces), summary=summary(stats), stats=stats.as_dict())
         compare = None
         if cfg.compare:
             ref, ref_stats = decoder.generate(input_ids, method="target_only")
@@ -78,7 +78,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
                            # sampled outputs are draws, not expected to match token by token
                            identical=bool(ids.shape == ref.shape and (ids == ref).all()) if config.decoding.greedy else None,
                            target_only_stats=ref_stats.as_dict())
-            result["compare"] = compare
+        result["compare"] = compare
         print("\n\n" + format_summary(result["summary"], compare), flush=True)
         result["config"] = OmegaConf.to_container(cfg, resolve=True)
         result["provenance"] = provenance(device=decoder.device)  # git commit, package versions, machine

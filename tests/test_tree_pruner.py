@@ -527,7 +527,7 @@ def test_node_level_pruning_of_random_draws_is_biased(monkeypatch):
     import models.tree_pruner as tree_pruner
 
     monkeypatch.setattr(tree_pruner.TreePruner, "_keep_groups",
-                        lambda self, tree, pp, draft_ms=0.0: self._keep_nodes(tree, pp, draft_ms))
+                        lambda self, tree, pp: self._keep_nodes(tree, pp, 0.0))
     variants = {"iid-nodes": ("static", 1, 3, [3], 3, "iid", 1.0, 0, 1.0, dict(strategy="budget", max_verify_nodes=1), 11)}
     samples, probs, _ = run_pruned_variant("iid-nodes", n=N // 10, variants=variants)
     pvalue, tv, bound = goodness_of_fit(samples, probs)

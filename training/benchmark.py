@@ -120,7 +120,7 @@ def select_prompts(path: Path, num: int, warmup: int, categories=None, per_categ
     return warm + timed, len(warm)
 
 
-# ---------------------------------------------------------------------- per-depth counts
+# ---------------------------------------------------------------------- aggregation helpers
 def _sum_lists(lists) -> list[int]:
     out: list[int] = []
     for values in lists:

@@ -62,7 +62,7 @@ def capture_step(decoder, prompt: str, step: int, max_new_tokens: int | None = N
     """Generate on ``prompt`` and keep decode step ``step`` (1-based).
 
     Returns ``(record, drafted, stats, steps)``: the step's ``StepRecord``, the tree as drafted
-    before pruning (``record.tree`` itself when nothing was pruned or it cannot be told), the run's
+    before pruning (``record.drafted``: ``record.tree`` itself when nothing was pruned), the run's
     ``GenerationStats`` and its number of decode steps.
     """
     if step < 1:
