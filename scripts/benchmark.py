@@ -64,37 +64,36 @@ def run(cfg: DictConfig) -> dict:
                                  timed_per_category=counts, warmup_prompts=[p["id"] for p in prompts[:n_warmup]]),
                   provenance=provenance(device=decoder.device), memory=None, runs={})
     console = make_console()
-    tracker = start_run(cfg, job="benchmark")
-    for temperature in temperatures:
-        decoding = dict(do_sample=temperature > 0, temperature=temperature)
-        print(f"\n== temperature {temperature} ({'sampling' if temperature > 0 else 'greedy'}), {len(timed)} prompts "
-              f"({', '.join(f'{c} {n}' for c, n in counts.items())}) x {b.max_new_tokens} new tokens ==", flush=True)
-        out = run_benchmark(decoder, prompts, list(b.methods), b.max_new_tokens, b.max_prompt_tokens, n_warmup,
-                            decoding, assistant=assistant,
-                            variants=OmegaConf.to_container(b.variants) if b.get("variants") else None)
-        result["runs"][str(temperature)] = out
-        result["memory"] = out["memory"]
-        print_report(out, console)
-        metrics = {f"T{temperature}/{m}/{k}": v for m, r in out["rows"].items() for k, v in r.items()
-                   if isinstance(v, (int, float))}
-        metrics.update({f"T{temperature}/{c}/{m}/{k}": v for c, rows in out["categories"].items()
-                        for m, r in rows.items() for k, v in r.items() if isinstance(v, (int, float))})
-        tracker.log(metrics)
-        columns = ["category", "method", "tokens_per_s", "speedup_vs_target_only", "tau", "acceptance_rate", "nodes_per_step"]
-        table = [["overall", m, *(r.get(k) for k in columns[2:])] for m, r in out["rows"].items()]
-        table += [[c, m, *(r.get(k) for k in columns[2:])] for c, rows in out["categories"].items() for m, r in rows.items()]
-        tracker.log_table(f"T{temperature}/table", columns, table)
-    result["headline"] = headline(result["runs"])
-    stem = _unique_stem(repo_path(cfg.output_dir))
-    result["plots"] = plot_benchmark(result["runs"], stem)
-    path = stem.with_suffix(".json")
-    path.write_text(json.dumps(result, indent=1))
-    h = result["headline"]
-    print(f"\nheadline: {h['method']} {h['metric']} = {h['value']:.3f} (T={h['temperature']})")
-    print(f"wrote {path} and {', '.join(Path(p).name for p in result['plots'].values())}")
-    for name, png in result["plots"].items():
-        tracker.log_image(f"benchmark/{name}", png)
-    tracker.finish()
+    with start_run(cfg, job="benchmark") as tracker:  # the run is finished however the block ends
+        for temperature in temperatures:
+            decoding = dict(do_sample=temperature > 0, temperature=temperature)
+            print(f"\n== temperature {temperature} ({'sampling' if temperature > 0 else 'greedy'}), {len(timed)} prompts "
+                  f"({', '.join(f'{c} {n}' for c, n in counts.items())}) x {b.max_new_tokens} new tokens ==", flush=True)
+            out = run_benchmark(decoder, prompts, list(b.methods), b.max_new_tokens, b.max_prompt_tokens, n_warmup,
+                                decoding, assistant=assistant,
+                                variants=OmegaConf.to_container(b.variants) if b.get("variants") else None)
+            result["runs"][str(temperature)] = out
+            result["memory"] = out["memory"]
+            print_report(out, console)
+            metrics = {f"T{temperature}/{m}/{k}": v for m, r in out["rows"].items() for k, v in r.items()
+                       if isinstance(v, (int, float))}
+            metrics.update({f"T{temperature}/{c}/{m}/{k}": v for c, rows in out["categories"].items()
+                            for m, r in rows.items() for k, v in r.items() if isinstance(v, (int, float))})
+            tracker.log(metrics)
+            columns = ["category", "method", "tokens_per_s", "speedup_vs_target_only", "tau", "acceptance_rate", "nodes_per_step"]
+            table = [["overall", m, *(r.get(k) for k in columns[2:])] for m, r in out["rows"].items()]
+            table += [[c, m, *(r.get(k) for k in columns[2:])] for c, rows in out["categories"].items() for m, r in rows.items()]
+            tracker.log_table(f"T{temperature}/table", columns, table)
+        result["headline"] = headline(result["runs"])
+        stem = _unique_stem(repo_path(cfg.output_dir))
+        result["plots"] = plot_benchmark(result["runs"], stem)
+        path = stem.with_suffix(".json")
+        path.write_text(json.dumps(result, indent=1))
+        h = result["headline"]
+        print(f"\nheadline: {h['method']} {h['metric']} = {h['value']:.3f} (T={h['temperature']})")
+        print(f"wrote {path} and {', '.join(Path(p).name for p in result['plots'].values())}")
+        for name, png in result["plots"].items():
+            tracker.log_image(f"benchmark/{name}", png)
     return result
 
 
