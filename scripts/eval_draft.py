@@ -18,14 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.config import repo_path
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
-from training import teacher_data
 from training.benchmark import format_table, load_prompts, run_benchmark
-from models.demo_pair import cache_root
-from training.jsonl import read_jsonl
-from training.eval_draft import chain_agreement, latency
+from training.eval_draft import chain_agreement, eval_continuations, latency
 from training.provenance import provenance
 from training.tracking import start_run
-from training.train_draft import ensure_teacher
 
 
 def run(cfg: DictConfig) -> dict:
@@ -35,24 +31,13 @@ def run(cfg: DictConfig) -> dict:
     target, drafter = decoder.target_model, decoder.drafter
     if drafter is None:
         raise SystemExit("no draft to evaluate: set model.draft_model_name")
-    from speculative_decoder import resolve_model_path
-
     m = config.model
-    target_dir = resolve_model_path(m.target_model_name, m.cache_dir, m.data_dir)
     parts = set(e.parts)
     result = dict(config=OmegaConf.to_container(cfg, resolve=True), draft=m.draft_model_name,
                   threads=torch.get_num_threads())
     if "agreement" in parts:
-        tcfg = OmegaConf.create(dict(files=[e.prompt_file], num_prompts=e.num_prompts, shard_prompts=e.num_prompts,
-                                     batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                     max_prompt_tokens=e.max_prompt_tokens, top_k=4, dtype="float32", seed=e.seed))
-        shards = ensure_teacher(target_dir, m.target_model_name, tcfg, repo_path(cfg.data_dir),
-                                cache_root(m.cache_dir), m.device, prefix="evalset", forbid=())
-        data = teacher_data.load_shards(shards)
+        data, groups = eval_continuations(cfg)
         t0 = time.time()
-        rows = read_jsonl(repo_path(cfg.data_dir) / e.prompt_file, ("id", "prompt"), hint="data_dir, eval_draft.prompt_file")
-        category = {r["id"]: r.get("category", "") for r in rows}
-        groups = [category.get(pid, "") for meta in data["meta"] for pid in meta["prompt_ids"]]
         result["agreement"] = chain_agreement(drafter, data, e.chain_depth, decoder.device, groups)
         print(f"agreement on {result['agreement']['positions']} positions of {len(data['prompt_lens'])} target "
               f"continuations ({time.time() - t0:.0f} s)", flush=True)

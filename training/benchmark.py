@@ -10,6 +10,8 @@ Methods (``benchmark.methods``):
   <variant>     a tree run with some config groups changed (``benchmark.variants``: name -> {group:
                 {key: value}}, e.g. ``pred: {tree_search: {rank_by: predictor}}``), so tree shapes,
                 rankings and the aligned proposal are compared in the same run
+  <draft>       a tree run of another decoder (``run_benchmark(decoders={name: decoder})``, e.g. the
+                same target with another draft: the draft-design study compares drafts this way)
 Prompts are interleaved (prompt 1 with every method, then prompt 2, ...) so that drifting machine
 load hits all methods alike. Greedy runs also check that every method emitted exactly the
 target-only tokens (``identical`` column).
@@ -323,14 +325,14 @@ def summarize(records: list[dict], methods: list[str]) -> tuple[dict, dict]:
 # ---------------------------------------------------------------------- the run
 def run_benchmark(decoder: SpeculativeDecoder, prompts: list[dict], methods: list[str], max_new_tokens: int,
                   max_prompt_tokens: int, warmup: int, decoding: dict, log=print, assistant=None,
-                  variants: dict | None = None) -> dict:
+                  variants: dict | None = None, decoders: dict | None = None) -> dict:
     """Runs the first ``warmup`` prompts untimed (16 new tokens), then times every method on every
     other prompt, interleaved. Returns {"rows": {method: aggregate}, "categories": {category:
     {method: aggregate}}, "per_prompt": [record], "skipped": [ids], "warmup": [ids], "memory": {...}}
     with speedups filled in."""
-    variants = dict(variants or {})
-    methods = list(methods) + [v for v in variants if v not in methods]
-    unknown = set(methods) - set(TREESPEC_METHODS) - set(HF_METHODS) - set(variants)
+    variants, decoders = dict(variants or {}), dict(decoders or {})
+    methods = list(methods) + [v for v in list(variants) + list(decoders) if v not in methods]
+    unknown = set(methods) - set(TREESPEC_METHODS) - set(HF_METHODS) - set(variants) - set(decoders)
     if unknown:
         raise ValueError(f"unknown benchmark method(s) {sorted(unknown)}; known: {TREESPEC_METHODS + HF_METHODS} "
                          f"and the names in benchmark.variants")
@@ -354,13 +356,14 @@ def run_benchmark(decoder: SpeculativeDecoder, prompts: list[dict], methods: lis
     records: list[dict] = []
     for _, ids in encoded[:warmup]:  # warm-up: allocator, kernels, caches; not timed
         for m in methods:
-            _run_one(decoder, m, ids, min(max_new_tokens, 16), decoding, seed=0, assistant=assistant, variants=variants)
+            _run_one(decoder, m, ids, min(max_new_tokens, 16), decoding, seed=0, assistant=assistant, variants=variants,
+                     decoders=decoders)
     for i, (row, ids) in enumerate(timed):
         reference = None
         for m in methods:
             memory.reset()
             out, seconds, stats = _run_one(decoder, m, ids, max_new_tokens, decoding, seed=i, assistant=assistant,
-                                           variants=variants)
+                                           variants=variants, decoders=decoders)
             peak = memory.peak()
             new = out[ids.shape[1]:]
             if greedy:
@@ -376,8 +379,10 @@ def run_benchmark(decoder: SpeculativeDecoder, prompts: list[dict], methods: lis
 
 
 def _run_one(decoder: SpeculativeDecoder, method: str, ids: torch.Tensor, max_new: int, decoding: dict, seed: int,
-             assistant=None, variants: dict | None = None):
+             assistant=None, variants: dict | None = None, decoders: dict | None = None):
     """(all token ids as a list, seconds, stats or None for HF methods)."""
+    if decoders and method in decoders:
+        return _run_one(decoders[method], "tree", ids, max_new, decoding, seed)
     if variants and method in variants:
         with variant_config(decoder, variants[method]):
             return _run_one(decoder, "tree", ids, max_new, decoding, seed)

@@ -102,27 +102,31 @@ def _encode(tokenizer, prompt: str, answer: str, max_len: int) -> tuple[list[int
     return (ids, start) if len(ids) - start >= 2 else None
 
 
-def _batches(seqs: list[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int):
+def _batches(seqs: list[tuple[list[int], int]], batch_size: int, pad_id: int, seed: int,
+             with_index: bool = False):
     """Right-padded batches, grouped by length to waste little compute on padding.
 
     Right padding needs no attention mask under causal attention (real tokens never see the
     pads after them), so the fast is_causal attention path is kept. ``sel`` marks the positions
-    whose next token is an answer token: the only ones a draft is ever asked about."""
+    whose next token is an answer token: the only ones a draft is ever asked about. With
+    ``with_index`` each batch is ``(ids, sel, rows)``, ``rows`` the index in ``seqs`` of each row
+    (so per-position data stored beside the sequences, e.g. teacher states, can follow ``sel``)."""
     group = 16 * batch_size  # sort within windows of the fixed order, then shuffle the batches
     chunks = []
     for g in range(0, len(seqs), group):
-        window = sorted(seqs[g:g + group], key=lambda s: len(s[0]))
+        window = sorted(range(g, min(g + group, len(seqs))), key=lambda i: len(seqs[i][0]))
         chunks += [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
     random.Random(seed + 1).shuffle(chunks)
     out = []
     for chunk in chunks:
-        width = max(len(ids) for ids, _ in chunk)
+        width = max(len(seqs[i][0]) for i in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         sel = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for row, (seq, start) in enumerate(chunk):
+        for row, i in enumerate(chunk):
+            seq, start = seqs[i]
             ids[row, :len(seq)] = torch.tensor(seq)
             sel[row, start - 1:len(seq) - 1] = True
-        out.append((ids, sel))
+        out.append((ids, sel, chunk) if with_index else (ids, sel))
     return out
 
 
@@ -187,13 +191,21 @@ def kl_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch
     return _KLFromLogProbs.apply(student_logits, teacher_logp)
 
 
-def distill(student, teacher, batches, cfg, progress: bool = True) -> list[float]:
+def distill(student, teacher, batches, cfg, progress: bool = True, state_path: Path | None = None,
+            save_every: int = 0) -> list[float]:
     """Train the student's decoder layers (and final norm) to match the teacher; returns losses.
 
+    ``teacher`` is a model (its logits at each batch's selected positions are the targets) or a
+    function ``teacher(*batch) -> logits`` at those positions (e.g. from stored teacher states).
     Embeddings and lm_head stay frozen (tied in the demo): they already are the target's, and
-    freezing skips the 49152 x 576 weight-gradient matmul, the largest one of each step."""
+    freezing skips the 49152 x 576 weight-gradient matmul, the largest one of each step.
+    ``state_path``: resumable; the student, optimizer and losses are saved there every
+    ``save_every`` steps (atomically) and a rerun continues from the last save. The batch order is
+    fixed, so a resumed run takes the same steps as an uninterrupted one."""
     from tqdm.auto import tqdm
 
+    teacher_logits = (lambda ids, sel, *_: _logits_at(teacher, ids, sel)) if isinstance(teacher, torch.nn.Module) \
+        else teacher
     student.get_input_embeddings().weight.requires_grad_(False)
     student.get_output_embeddings().weight.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -207,13 +219,27 @@ def distill(student, teacher, batches, cfg, progress: bool = True) -> list[float
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    losses: list[float] = []
+    if state_path is not None and Path(state_path).is_file():
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            student.load_state_dict(state["student"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            losses = list(state["losses"])
+        except Exception as exc:
+            raise ModelLoadError(f"training state {state_path} is unreadable or belongs to another model ({exc}); "
+                                 "delete it to start this training over") from exc
+        log.info("resuming %s at step %d of %d", state_path, len(losses), steps)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg.student_bf16))
     student.train()
-    losses = []
-    bar = tqdm(batches, desc="distilling draft", disable=not progress, dynamic_ncols=True)
-    for ids, sel in bar:
+    bar = tqdm(batches, desc="distilling draft", disable=not progress, dynamic_ncols=True, initial=len(losses))
+    for step, batch in enumerate(batches):
+        if step < len(losses):
+            continue
+        ids, sel = batch[0], batch[1]
         with torch.no_grad():
-            t_logits = _logits_at(teacher, ids, sel)
+            t_logits = teacher_logits(*batch)
         with autocast:
             s_logits = _logits_at(student, ids, sel)
         loss = kl_loss(t_logits, s_logits)
@@ -223,7 +249,14 @@ def distill(student, teacher, batches, cfg, progress: bool = True) -> list[float
         opt.step()
         sched.step()
         losses.append(loss.item())
+        bar.update(1)
         bar.set_postfix(kl=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if state_path is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            tmp = Path(state_path).with_suffix(".tmp")
+            torch.save({"student": student.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "losses": losses}, tmp)
+            tmp.replace(state_path)
+    bar.close()
     student.eval()
     return losses
 

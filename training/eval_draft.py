@@ -77,6 +77,31 @@ def chain_agreement(drafter: Drafter, data: dict, depth: int, device, groups: li
             "top1_by_group": {k: {"top1": h / max(t, 1), "positions": t} for k, (h, t) in sorted(by_group.items())}}
 
 
+def eval_continuations(cfg) -> tuple[dict, list[str]]:
+    """The fp32 target's greedy continuations of ``cfg.eval_draft``'s prompts (written once, cached as
+    teacher-format shards in $TREESPEC_CACHE/evalset-<hash>/) and each sequence's prompt category."""
+    from omegaconf import OmegaConf
+
+    from models.config import repo_path
+    from models.demo_pair import cache_root
+    from models.loading import resolve_model_path
+    from training import teacher_data
+    from training.jsonl import read_jsonl
+    from training.train_draft import ensure_teacher
+
+    e, m = cfg.eval_draft, cfg.model
+    target_dir = resolve_model_path(m.target_model_name, m.cache_dir, str(repo_path(cfg.data_dir)))
+    tcfg = OmegaConf.create(dict(files=[e.prompt_file], num_prompts=e.num_prompts, shard_prompts=e.num_prompts,
+                                 batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+                                 max_prompt_tokens=e.max_prompt_tokens, top_k=4, dtype="float32", seed=e.seed))
+    shards = ensure_teacher(target_dir, m.target_model_name, tcfg, repo_path(cfg.data_dir), cache_root(m.cache_dir),
+                            m.device, prefix="evalset", forbid=())
+    data = teacher_data.load_shards(shards)
+    rows = read_jsonl(repo_path(cfg.data_dir) / e.prompt_file, ("id", "prompt"), hint="data_dir, eval_draft.prompt_file")
+    category = {r["id"]: r.get("category", "") for r in rows}
+    return data, [category.get(pid, "") for meta in data["meta"] for pid in meta["prompt_ids"]]
+
+
 def _median_ms(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
