@@ -98,6 +98,8 @@ def test_train_draft_then_eval_draft_then_benchmark_cli(tiny_pair_dirs, tmp_path
                      "draft.epochs=2", "draft.batch_tokens=64", "draft.eval_sequences=2", "draft.bf16=false",
                      f"out_dir={head}")
     assert (head / "eagle_head.safetensors").is_file() and "heldout_vocab_coverage" in out
+    info = json.loads((head / "eagle_head.json").read_text())
+    assert info["provenance"]["git"]["commit"] and info["teacher_shards"] == 2  # where the head came from
     assert len(list(cache.glob("teacher-*/shard-*.safetensors"))) == 2
     again = run_script("train_draft.py", *common, "draft=eagle", "draft.teacher.files=[train.jsonl]",  # resumes: no work
                        "draft.teacher.num_prompts=16", "draft.teacher.shard_prompts=8", "draft.teacher.batch_size=4",

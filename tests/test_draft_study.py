@@ -131,11 +131,16 @@ def test_spearman_and_verdict():
     assert study.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
     row = lambda n, layers, tps, top1, ms: dict(name=n, layers=layers, tokens_per_s=tps, top1=top1, draft_ms=ms,  # noqa: E731
                                                tau=1.5, speedup_vs_target_only=tps / 10)
-    v = study.verdict([row("a", 1, 12, 0.3, 2), row("b", 2, 11, 0.35, 3), row("c", 4, 10, 0.4, 4)])
-    assert v["claim_holds"] and v["fastest"] == "a" and v["most_accurate"] == "c"
+    v = study.verdict([row("c", 4, 10, 0.4, 4), row("a", 1, 12, 0.3, 2), row("b", 2, 11, 0.35, 3)])
+    assert v["claim_holds"] and v["fastest"] == "a" and v["most_accurate"] == "c" and v["fastest_is_shallowest"]
     assert v["spearman_depth_vs"]["tokens_per_s"] == pytest.approx(-1.0)
+    assert v["shallow_over_deep"]["tokens_per_s"] == pytest.approx(1.2) and v["latency_spread"] == pytest.approx(1.0)
+    assert "shallower half (a) vs deeper half (c)" in v["summary"]
     v = study.verdict([row("a", 1, 10, 0.3, 2), row("b", 2, 11, 0.35, 3), row("c", 4, 12, 0.4, 4)])
     assert not v["claim_holds"] and "does not hold" in v["summary"]
+    # the shallower half wins although the fastest single design is not the shallowest one
+    v = study.verdict([row("a", 1, 12, 0.3, 2), row("b", 2, 13, 0.3, 2), row("c", 4, 10, 0.2, 2), row("d", 8, 9, 0.1, 2)])
+    assert v["claim_holds"] and not v["fastest_is_shallowest"] and v["shallow_over_deep"]["tokens_per_s"] == pytest.approx(25 / 19)
 
 
 def test_draft_study_cli(tiny_pair_dirs, tmp_path, monkeypatch):  # noqa: F811

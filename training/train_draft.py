@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from models.errors import ConfigError
 from training import teacher_data
+from training.provenance import provenance
 from models.demo_pair import cache_root
 from training.draft_distill import EVAL_SETS
 
@@ -75,6 +76,7 @@ def train_draft(cfg, tracker=None) -> Path:
     out = repo_path(cfg.out_dir) if cfg.get("out_dir") else cache / f"smollm2-135m-draft-{dcfg.tag}"
     teacher = dict(teacher_shards=len(shards), teacher_dir=str(shards[0].parent.name),
                    teacher_answer_tokens=sum(m["answer_tokens"] for m in data["meta"]),
-                   teacher_seconds_this_run=round(teacher_s, 1), target=cfg.model.target_model_name)
+                   teacher_seconds_this_run=round(teacher_s, 1), target=cfg.model.target_model_name,
+                   provenance=provenance(cfg, device=cfg.model.device))
     train_eagle(target, data, dcfg, cache / "runs" / dcfg.tag, out, tracker, meta=teacher)
     return out
