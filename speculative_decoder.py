@@ -165,7 +165,7 @@ class SpeculativeDecoder:
         check_device(m.device, m.dtype)  # before loading anything
         target_path = resolve_model_path(m.target_model_name, m.cache_dir, m.data_dir)
         tokenizer = load_tokenizer(target_path)
-        target = load_model(target_path, m.device, m.dtype, m.attn_implementation)
+        target = load_model(target_path, m.device, m.dtype, m.attn_implementation, m.cpu_linear)
         draft = None
         if m.draft_model_name and config.decoding.method != "target_only":
             draft = load_draft(resolve_model_path(m.draft_model_name, m.cache_dir, m.data_dir), target, m)

@@ -42,10 +42,13 @@ class ModelConfig:
     attn_implementation: Optional[str]
     cache_dir: Optional[str]
     data_dir: str  # prompt sets; the demo draft is distilled on its train-only files
+    cpu_linear: str = "hybrid"  # fp32 CPU linear kernels: hybrid | mkl | onednn (models/fast_linear.py)
 
     def __post_init__(self):
         _check(bool(self.target_model_name), "model.target_model_name", self.target_model_name, "must be a local path or 'demo:target'")
         _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {DTYPES}")
+        _check(self.cpu_linear in ("mkl", "onednn", "hybrid"), "model.cpu_linear", self.cpu_linear,
+               "one of ('mkl', 'onednn', 'hybrid')")
 
 
 @dataclass

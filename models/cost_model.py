@@ -32,7 +32,10 @@ __all__ = ["CostModel", "interpolate"]
 
 def interpolate(points: dict[int, float], x: float) -> float:
     """Piecewise-linear ``points`` at ``x``; linear extrapolation through the two outermost points
-    on either side; clamped to >= 0. One point: constant. No points: 0."""
+    on either side; clamped to >= 0, and beyond the largest measured size never below the cost
+    measured there (more tokens never cost less than the most measured: a noisy profile whose
+    last two points fall must not extrapolate to free verification). One point: constant. No
+    points: 0."""
     if not points:
         return 0.0
     xs = sorted(points)
@@ -47,6 +50,8 @@ def interpolate(points: dict[int, float], x: float) -> float:
         a = xs[xs.index(b) - 1]
     ya, yb = float(points[a]), float(points[b])
     y = ya + (yb - ya) * (x - a) / (b - a)
+    if x > xs[-1]:
+        y = max(y, float(points[xs[-1]]))
     return max(y, 0.0)
 
 

@@ -37,6 +37,7 @@ import torch
 
 from models.checkpoint import fingerprint
 from models.cost_model import CostModel
+from models.fast_linear import uses_onednn
 from models.kv_cache import cache_length, keep_tokens, new_cache
 from models.tree import DraftTree
 
@@ -95,6 +96,8 @@ def cost_key(decoder, context: int = 200, node_counts: Sequence[int] = NODE_COUN
         "node_counts": sorted({int(n) for n in node_counts}),
         "widths": sorted({int(w) for w in widths}) if drafter is not None else [],
     }
+    if uses_onednn(target):  # oneDNN's packed linear kernels (model.cpu_linear) change the curves
+        key["cpu_linear"] = uses_onednn(target)
     return json.loads(json.dumps(key))
 
 

@@ -69,7 +69,10 @@ def resolve_checkpoint(name: str, kind: str, draft_name: str | None) -> Path:
     return Path(name).expanduser()
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32", attn_implementation: str | None = "sdpa"):
+def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32", attn_implementation: str | None = "sdpa",
+               cpu_linear: str = "mkl"):
+    """An HF causal LM in eval mode on ``device``; ``cpu_linear`` ``onednn`` / ``hybrid`` route its fp32 CPU
+    linear layers (all products / one-row products) through oneDNN's packed kernel (``models.fast_linear``)."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -77,7 +80,9 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32", at
                                                      attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from None
-    return model.to(device).eval()
+    from models.fast_linear import apply_cpu_linear
+
+    return apply_cpu_linear(model.to(device).eval(), cpu_linear)
 
 
 def load_draft(path: Path, target, m) -> "torch.nn.Module | Drafter":
@@ -85,8 +90,10 @@ def load_draft(path: Path, target, m) -> "torch.nn.Module | Drafter":
     from models.eagle import EagleDrafter, is_eagle_draft, load_eagle_draft
 
     if is_eagle_draft(path):
-        return EagleDrafter(load_eagle_draft(path, target))
-    return load_model(path, m.device, m.dtype, m.attn_implementation)
+        from models.fast_linear import apply_cpu_linear
+
+        return EagleDrafter(apply_cpu_linear(load_eagle_draft(path, target), m.cpu_linear))
+    return load_model(path, m.device, m.dtype, m.attn_implementation, m.cpu_linear)
 
 
 def load_tokenizer(path: str | Path):

@@ -48,7 +48,7 @@ def run(cfg: DictConfig) -> dict:
     if "hf_assisted" in b.methods and decoder.draft_model is None and b.get("assistant_model_name"):
         m = config.model  # HF assisted generation needs an HF causal LM: the EAGLE head is not one
         assistant = load_model(resolve_model_path(b.assistant_model_name, m.cache_dir, m.data_dir), m.device, m.dtype,
-                               m.attn_implementation)
+                               m.attn_implementation, m.cpu_linear)
     per_category = b.get("prompts_per_category")
     prompts, n_warmup = select_prompts(repo_path(cfg.data_dir) / b.prompt_file, b.num_prompts, b.warmup_prompts,
                                        list(b.categories) if b.categories else None, per_category)

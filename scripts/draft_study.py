@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> dict:
     m = config.model
     cache = cache_root(m.cache_dir)
     target_dir = resolve_model_path(m.target_model_name, m.cache_dir, m.data_dir)
-    target = load_model(target_dir, m.device, m.dtype, m.attn_implementation)
+    target = load_model(target_dir, m.device, m.dtype, m.attn_implementation, m.cpu_linear)
     tokenizer = load_tokenizer(target_dir)
     counts = study.check_equal_budget(target, shapes, float(s.param_tolerance))
 

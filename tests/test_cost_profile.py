@@ -30,7 +30,8 @@ def test_interpolation_and_extrapolation():
     assert m.draft(0) == 0.0  # 1 - 4 clamped at 0
     assert CostModel.synthetic(verify={4: 7.0}).verify(100) == 7.0  # one point: constant
     assert CostModel.synthetic(verify={1: 1.0}).draft(3) == 0.0  # no draft profiled
-    assert interpolate({1: 5.0, 2: 1.0}, 10) == 0.0  # falling curve clamped at 0
+    assert interpolate({1: 5.0, 2: 1.0}, 10) == 1.0  # a falling curve: never below the largest measured size
+    assert interpolate({2: 1.0, 4: 5.0}, 0) == 0.0  # below the smallest: the line, clamped at 0
     # keys given as strings (JSON) or unsorted are normalised
     assert list(CostModel.synthetic(verify={"8": 3, "1": 1}).verify_ms) == [1, 8]
     with pytest.raises(ValueError):
@@ -198,7 +199,7 @@ def test_profile_costs_script(tiny_target, tmp_path, capsys):
         tiny_tokenizer().save_pretrained(tmp_path / name)
     cfg = compose([f"model.target_model_name={tmp_path / 'target'}", f"model.draft_model_name={tmp_path / 'draft'}",
                    "profile_costs.node_counts=[1,4]", "profile_costs.widths=[1,2]", "profile_costs.context=8",
-                   "profile_costs.repeats=1", "profile_costs.warmup=0", f"profile_costs.cache_dir={tmp_path / 'costs'}",
+                   "profile_costs.repeats=1", "profile_costs.warmup=1", f"profile_costs.cache_dir={tmp_path / 'costs'}",
                    f"output_dir={tmp_path}"])
     script_path = CONFIG_DIR.parent / "scripts" / "profile_costs.py"
     spec = importlib.util.spec_from_file_location("profile_costs_script", script_path)
