@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -129,6 +131,24 @@ def tensor_or_error(tensors: dict, name: str, path, kind: str, shape: tuple | No
     if not torch.isfinite(t.float()).all():
         raise ModelLoadError(f"{kind} checkpoint {path}: tensor {name!r} holds NaN or inf")
     return t
+
+
+@contextmanager
+def atomic_dir(dest: str | Path):
+    """``with atomic_dir(dest) as tmp:`` fill ``tmp``, a fresh folder beside ``dest``; when the block
+    ends without error it replaces ``dest``, otherwise it is removed. An interrupted write never
+    leaves a folder that looks finished (model directories, drafts, the converted demo target)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}-"))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _atomic(dest: Path, write) -> None:

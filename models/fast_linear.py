@@ -25,7 +25,8 @@ import types
 import torch
 import torch.nn.functional as F
 
-CPU_LINEAR = ("mkl", "onednn", "hybrid")
+from models.config import CPU_LINEAR
+
 
 
 def onednn_available() -> bool:

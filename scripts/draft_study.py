@@ -73,7 +73,6 @@ def run(cfg: DictConfig) -> dict:
     print(f"training {len(shapes)} drafts in {root} on {len(shards)} teacher shards "
           f"({meta['teacher_answer_tokens']} answer tokens)", flush=True)
     trained = study.train_all(target, tokenizer, data, shapes, s, root, meta)
-    del data
 
     # Measurement: one decoder per draft, sharing the target.
     drafts = {name: load_draft(path, target, m) for name, (path, _) in trained.items()}

@@ -18,8 +18,6 @@ import json
 import logging
 import math
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -282,6 +280,7 @@ def build_quick_draft(target_dir, out_dir, cfg, data_dir, progress: bool = True)
     """Make, train, evaluate and save the draft; ``out_dir`` appears only once it is complete."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from models.checkpoint import atomic_dir
     from models.demo_pair import write_marker
 
     t0 = time.perf_counter()
@@ -307,11 +306,7 @@ def build_quick_draft(target_dir, out_dir, cfg, data_dir, progress: bool = True)
     after = agreement(draft, eval_batches, reference)
     log.info("agreement after training: %s", after)
 
-    # Write next to the destination and rename: an interrupted build leaves only a .tmp-* folder,
-    # never a directory that looks finished.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-"))
-    try:
+    with atomic_dir(out_dir) as tmp:  # an interrupted build never leaves a directory that looks finished
         draft.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         n = len(losses)
@@ -324,12 +319,6 @@ def build_quick_draft(target_dir, out_dir, cfg, data_dir, progress: bool = True)
                      kl_last=round(sum(losses[-10:]) / max(1, min(10, n)), 4),
                      agreement_before=before, agreement_after=after,
                      torch_threads=torch.get_num_threads())
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -29,13 +29,12 @@ import hashlib
 import json
 import logging
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from models.checkpoint import atomic_dir
 from models.errors import ConfigError, ModelLoadError
 from training.draft_distill import _batches, distill, recipe_dict
 
@@ -217,18 +216,11 @@ def train_shape(target, tokenizer, shape: Shape, batches, teacher, cfg, root: Pa
         kl_first10=round(sum(losses[:10]) / max(1, min(10, len(losses))), 4),
         kl_last10=round(sum(losses[-10:]) / max(1, min(10, len(losses))), 4),
         kl_curve=[round(sum(losses[i:i + 10]) / len(losses[i:i + 10]), 4) for i in range(0, len(losses), 10)])
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{shape.name}-"))
-    try:
+    with atomic_dir(out) as tmp:
         draft.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps(record, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     state.unlink(missing_ok=True)
     return out, record
 
