@@ -4,6 +4,7 @@
     python scripts/benchmark.py benchmark.prompts_per_category=10 # Spec-Bench style: 10 per category
     python scripts/benchmark.py benchmark.num_prompts=5 benchmark.max_new_tokens=32
     python scripts/benchmark.py benchmark.temperatures=[0.7,1.0]  # sampling (vs target-only and HF sampling)
+    python scripts/benchmark.py benchmark.drafts='{lm: demo:draft-lm}'  # + the tree with another draft
 
 Prints, per temperature, tables overall and per prompt category (speedup, tau) and the time per
 phase, and writes ${output_dir}/benchmark-<time>.json (per-prompt records, per-category and overall
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from models.config import repo_path
 from speculative_decoder import (SpeculativeDecoder, SpeculativeDecodingConfig, load_model,
                                  resolve_model_path)
-from training.benchmark import category_of, run_benchmark, select_prompts
+from training.benchmark import category_of, draft_decoders, run_benchmark, select_prompts
 from training.benchmark_report import headline, make_console, plot_benchmark, print_report
 from training.provenance import provenance
 from training.tracking import start_run
@@ -44,6 +45,9 @@ def run(cfg: DictConfig) -> dict:
     b = cfg.benchmark
     config = SpeculativeDecodingConfig.from_hydra(cfg)
     decoder = SpeculativeDecoder(config)
+    variants = OmegaConf.to_container(b.variants) if b.get("variants") else None
+    drafts = draft_decoders(decoder, OmegaConf.to_container(b.drafts) if b.get("drafts") else None,
+                            list(b.methods) + list(variants or {}))
     assistant = None
     if "hf_assisted" in b.methods and decoder.draft_model is None and b.get("assistant_model_name"):
         m = config.model  # HF assisted generation needs an HF causal LM: the EAGLE head is not one
@@ -70,8 +74,7 @@ def run(cfg: DictConfig) -> dict:
             print(f"\n== temperature {temperature} ({'sampling' if temperature > 0 else 'greedy'}), {len(timed)} prompts "
                   f"({', '.join(f'{c} {n}' for c, n in counts.items())}) x {b.max_new_tokens} new tokens ==", flush=True)
             out = run_benchmark(decoder, prompts, list(b.methods), b.max_new_tokens, b.max_prompt_tokens, n_warmup,
-                                decoding, assistant=assistant,
-                                variants=OmegaConf.to_container(b.variants) if b.get("variants") else None)
+                                decoding, assistant=assistant, variants=variants, decoders=drafts)
             result["runs"][str(temperature)] = out
             result["memory"] = out["memory"]
             print_report(out, console)

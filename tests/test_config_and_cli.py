@@ -116,10 +116,16 @@ def test_train_draft_then_eval_draft_then_benchmark_cli(tiny_pair_dirs, tmp_path
     assert result["speed"]["rows"]["tree"]["identical"] == 2  # greedy with the head: the target's tokens
     out = run_script("benchmark.py", *common, f"model.draft_model_name={head}",
                      f"benchmark.assistant_model_name={tiny_pair_dirs / 'draft'}", "benchmark.prompt_file=spec_bench.jsonl",
-                     "benchmark.num_prompts=2", "benchmark.max_new_tokens=8", "benchmark.warmup_prompts=0")
+                     "benchmark.num_prompts=2", "benchmark.max_new_tokens=8", "benchmark.warmup_prompts=0",
+                     f"benchmark.drafts={{lm: '{tiny_pair_dirs / 'draft'}'}}")  # + the tree with the small-LM draft
     result = json.loads(next(tmp_path.glob("benchmark-*.json")).read_text())
-    assert all(r["identical"] == 2 for r in next(iter(result["runs"].values()))["rows"].values())
+    rows = next(iter(result["runs"].values()))["rows"]
+    assert rows["lm"]["tau"] > 0
+    assert all(r["identical"] == 2 for r in rows.values())
     assert result["assistant"] == str(tiny_pair_dirs / "draft")
+    bad = subprocess.run([sys.executable, "scripts/benchmark.py", *common, f"model.draft_model_name={head}",
+                          "benchmark.drafts={tree: demo:draft-lm}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "already a method" in bad.stderr
 
 
 def test_benchmark_variants_run_in_the_same_run(default_config):
@@ -139,6 +145,28 @@ def test_benchmark_variants_run_in_the_same_run(default_config):
     assert all(r["identical"] == 2 for r in rows.values())
     assert rows["pruned"]["nodes_per_step"] <= 2
     assert (decoder.config.tree_search.max_nodes, decoder.config.pruning.strategy) == before
+
+
+def test_benchmark_drafts_share_the_target(tiny_pair_dirs, default_config):
+    """benchmark.drafts: each named draft becomes a decoder on the same target with the same config."""
+    from speculative_decoder import SpeculativeDecoder
+    from models.errors import ConfigError
+    from training.benchmark import draft_decoders
+
+    decoder = SpeculativeDecoder.from_models(tiny_model("llama"), tiny_model("llama", seed=2), tiny_tokenizer(),
+                                             default_config)
+    out = draft_decoders(decoder, {"lm": str(tiny_pair_dirs / "draft")}, ["target_only", "tree"])
+    other = out["lm"]
+    assert other.target_model is decoder.target_model and other.draft_model is not decoder.draft_model
+    assert other.config.model.draft_model_name == str(tiny_pair_dirs / "draft")
+    assert other.config.tree_search == decoder.config.tree_search
+    assert decoder.config.model.draft_model_name == default_config.model.draft_model_name  # untouched
+    with pytest.raises(ConfigError, match="already a method"):
+        draft_decoders(decoder, {"tree": str(tiny_pair_dirs / "draft")}, ["target_only", "tree"])
+    with pytest.raises(ConfigError, match="draft directory or a demo name"):
+        draft_decoders(decoder, {"x": 3}, ["tree"])
+    with pytest.raises(Exception, match="does not exist"):
+        draft_decoders(decoder, {"x": "/no/such/draft"}, ["tree"])
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))

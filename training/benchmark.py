@@ -10,8 +10,9 @@ Methods (``benchmark.methods``):
   <variant>     a tree run with some config groups changed (``benchmark.variants``: name -> {group:
                 {key: value}}, e.g. ``pred: {tree_search: {rank_by: predictor}}``), so tree shapes,
                 rankings and the aligned proposal are compared in the same run
-  <draft>       a tree run of another decoder (``run_benchmark(decoders={name: decoder})``, e.g. the
-                same target with another draft: the draft-design study compares drafts this way)
+  <draft>       a tree run of another decoder (``run_benchmark(decoders={name: decoder})``): the same
+                target with another draft (``benchmark.drafts``: name -> draft; the draft-design study
+                compares its drafts this way too)
 Prompts are interleaved (prompt 1 with every method, then prompt 2, ...) so that drifting machine
 load hits all methods alike. Greedy runs also check that every method emitted exactly the
 target-only tokens (``identical`` column).
@@ -47,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from models.errors import ConfigError
 from speculative_decoder import PHASES, GenerationStats, SpeculativeDecoder
 from training.jsonl import read_jsonl
 
@@ -406,6 +408,24 @@ def _run_one(decoder: SpeculativeDecoder, method: str, ids: torch.Tensor, max_ne
     if device.type == "cuda":
         torch.cuda.synchronize()
     return out[0].tolist(), time.perf_counter() - t0, None
+
+
+def draft_decoders(decoder: SpeculativeDecoder, drafts: dict | None, taken: list[str]) -> dict:
+    """``benchmark.drafts`` (name -> draft) as decoders sharing ``decoder``'s target and config, so
+    each draft's tree runs beside the others in one run."""
+    out = {}
+    from speculative_decoder import load_draft, resolve_model_path
+
+    m = decoder.config.model
+    for name, draft_name in (drafts or {}).items():
+        if name in taken:
+            raise ConfigError(f"benchmark.drafts name {name!r} is already a method or variant name; pick another")
+        if not isinstance(draft_name, str) or not draft_name:
+            raise ConfigError(f"benchmark.drafts.{name} must be a draft directory or a demo name, got {draft_name!r}")
+        config = dataclasses.replace(decoder.config, model=dataclasses.replace(m, draft_model_name=draft_name))
+        draft = load_draft(resolve_model_path(draft_name, m.cache_dir, m.data_dir), decoder.target_model, m)
+        out[name] = SpeculativeDecoder.from_models(decoder.target_model, draft, decoder.tokenizer, config)
+    return out
 
 
 @contextmanager
