@@ -29,7 +29,7 @@ import torch
 
 from models.config import SpeculativeDecodingConfig
 from models.draft_tree_search import DraftTreeSearch, TreeShape
-from models.drafter import Drafter, HFDrafter
+from models.drafter import Drafter, HFDrafter, target_features
 from models.errors import ConfigError, InputError, ModelLoadError, NumericalError
 from models.loading import (check_device, check_same_vocabulary, context_length, eos_token_ids,  # noqa: F401
                             load_draft, load_model, load_tokenizer, module_device, resolve_checkpoint,
@@ -326,9 +326,8 @@ class SpeculativeDecoder:
         logits = _finite(out.logits[0, -1], "prefill")  # [V]
         root = int(logits.argmax()) if to_probs is None else int(torch.multinomial(to_probs(logits), 1, generator=generator))
         context = self._context(logits, to_probs, 0) if scored else None
-        if search is not None:
-            hidden = out.hidden_states[-1][0] if want_hidden else None  # [T, H]
-            self.drafter.prefill(input_ids.to(self.device), target_hidden=hidden)
+        if search is not None:  # [T, F]: what the drafter reads of the target (None for an independent draft)
+            self.drafter.prefill(input_ids.to(self.device), target_hidden=target_features(self.drafter, out))
         del out
         at_limit = "max_new_tokens" if max_new <= self.context_limit - input_ids.shape[1] else "context"
         first, stats.stop_reason = self._truncate([root], 0, limit, at_limit)
@@ -361,7 +360,7 @@ class SpeculativeDecoder:
                 expected = float(tree.path_probs()[1:].sum()) if tree.num_drafted else 0.0
             # 4. Verify: one target forward over root + nodes.
             prefix = cache_length(cache)
-            logits, hidden = self._target_tree_forward(tree, prefix, cache, want_hidden)  # [N, V], [N, H]
+            logits, hidden, feats = self._target_tree_forward(tree, prefix, cache, want_hidden)  # [N, V], [N, H], [N, F]
             _finite(logits, f"verify step {stats.steps + 1}")
             if to_probs is None:
                 path, nxt = verify_greedy(tree, logits)
@@ -378,7 +377,7 @@ class SpeculativeDecoder:
             # 5. Commit: both caches keep prefix + accepted path; nxt is the next root.
             keep_tokens(cache, prefix, path)
             if search is not None:
-                self.drafter.commit(tree, path, target_hidden=hidden[path] if want_hidden else None)
+                self.drafter.commit(tree, path, target_hidden=feats[path] if feats is not None else None)
             timer.lap("commit")
             emitted = tree.tokens[path[1:]].tolist() + [nxt]
             # 6. Stop conditions (truncate after EOS or at the limit), then record.
@@ -399,7 +398,9 @@ class SpeculativeDecoder:
         with torch.no_grad():
             out = self.target_model(input_ids=ids, position_ids=pos, attention_mask=mask,
                                     past_key_values=cache, use_cache=True, output_hidden_states=want_hidden)
-        return out.logits[0], (out.hidden_states[-1][0] if want_hidden else None)  # [N, V], [N, H]
+        if not want_hidden:
+            return out.logits[0], None, None
+        return out.logits[0], out.hidden_states[-1][0], target_features(self.drafter, out)  # [N, V], [N, H], [N, F]
 
     def _truncate(self, emitted: list[int], produced: int, limit: int, at_limit: str) -> tuple[list[int], str]:
         """Cut ``emitted`` after the first EOS or where ``produced + kept`` reaches ``limit``.

@@ -37,6 +37,7 @@ import torch
 
 from models.checkpoint import fingerprint
 from models.cost_model import CostModel
+from models.drafter import target_features
 from models.fast_linear import uses_onednn
 from models.kv_cache import cache_length, keep_tokens, new_cache
 from models.tree import DraftTree
@@ -195,7 +196,7 @@ def profile_costs(decoder, node_counts: Sequence[int] = NODE_COUNTS, widths: Seq
     cache = new_cache(target)
     out = target(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1,
                  output_hidden_states=want_hidden)
-    hidden = out.hidden_states[-1][0] if want_hidden else None  # [context, H]
+    hidden = target_features(drafter, out)  # [context, F]: what the drafter reads (None: nothing)
     del out
 
     samples: dict[str, dict[int, list[float]]] = {"verify": {}, "draft": {}}
@@ -209,7 +210,7 @@ def profile_costs(decoder, node_counts: Sequence[int] = NODE_COUNTS, widths: Seq
     del cache
 
     root = int(ids[0, context])
-    root_hidden = hidden[-1:] if want_hidden else None  # shape stand-in for the root's true feature
+    root_hidden = hidden[-1:] if hidden is not None else None  # shape stand-in for the root's true feature
     for w in widths:
         state: dict = {}
 

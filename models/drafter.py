@@ -48,6 +48,21 @@ class Drafter(ABC):
         """Keep the prefix plus ``path`` (node indices, root first); drop every other node."""
 
 
+def target_features(drafter: Drafter | None, out) -> torch.Tensor | None:
+    """The target features ``drafter`` reads, from a target forward's output (run with
+    ``output_hidden_states=True``), as [T, F] for the first sequence; None when it reads none.
+
+    A feature-conditioned drafter (``needs_target_hidden``) reads the final hidden state (the input
+    of the target's lm_head, ``hidden_states[-1]``), or, when it names ``feature_layers``, the
+    states ``hidden_states[l]`` of those layers concatenated (EAGLE-3 style)."""
+    if drafter is None or not getattr(drafter, "needs_target_hidden", False):
+        return None
+    layers = getattr(drafter, "feature_layers", None)
+    if not layers:
+        return out.hidden_states[-1][0]
+    return torch.cat([out.hidden_states[l][0] for l in layers], dim=-1)
+
+
 class HFDrafter(Drafter):
     """Any HF causal LM sharing the target's vocabulary.
 

@@ -6,6 +6,12 @@ slice of the target's lm_head scores the prediction, so drafting costs one small
 [V_r, H] matmul instead of a whole model and a [V, H] one. Deeper tree levels feed the head's own
 predicted features back in (EAGLE's autoregression at the feature level).
 
+EAGLE-3 style fused features (``EagleConfig.feature_layers``, set by the teacher recipe's
+``teacher.feature_layers``): instead of the final hidden state alone, the head reads the target's
+hidden states at several layers (Hugging Face ``hidden_states[l]``, e.g. a low, a middle and a high
+one), concatenated and mapped to the hidden size by a learned ``fuse`` projection; deeper levels feed
+back the head's own output in that fused space (trained so by the "training-time test" unroll).
+
     EagleHead          the trainable module (fc over [embed ; feature], one pre-norm decoder layer
                        with RoPE and grouped-query attention, its own tiny KV cache)
     EagleDrafter       the ``Drafter`` the decoder drives; needs the target's hidden states, which the
@@ -47,13 +53,15 @@ class EagleConfig:
     rope_theta: float = 10000.0
     rms_eps: float = 1e-5
     draft_vocab: list[int] = field(default_factory=list)  # full-vocabulary ids the head can propose
+    feature_layers: list[int] = field(default_factory=list)  # [] = the final hidden state (EAGLE-1/2)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
     @classmethod
-    def from_target(cls, target, draft_vocab: list[int], intermediate_size: int | None = None) -> "EagleConfig":
+    def from_target(cls, target, draft_vocab: list[int], intermediate_size: int | None = None,
+                    feature_layers=None) -> "EagleConfig":
         c = target.config
         heads = c.num_attention_heads
         return cls(hidden_size=c.hidden_size, num_heads=heads,
@@ -61,7 +69,8 @@ class EagleConfig:
                    intermediate_size=intermediate_size or getattr(c, "intermediate_size", 4 * c.hidden_size),
                    vocab_size=target.get_output_embeddings().weight.shape[0],
                    rope_theta=float(getattr(c, "rope_theta", None) or (getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
-                   rms_eps=float(getattr(c, "rms_norm_eps", 1e-5)), draft_vocab=list(map(int, draft_vocab)))
+                   rms_eps=float(getattr(c, "rms_norm_eps", 1e-5)), draft_vocab=list(map(int, draft_vocab)),
+                   feature_layers=[int(l) for l in (feature_layers or [])])
 
 
 class _RMSNorm(nn.Module):
@@ -81,13 +90,16 @@ def _rotate_half(x):
 
 
 class EagleHead(nn.Module):
-    """fc([embed(x_{t+1}); f_t]) -> one decoder layer -> predicted f_{t+1}; logits over ``draft_vocab``."""
+    """fc([embed(x_{t+1}); f_t]) -> one decoder layer -> predicted f_{t+1}; logits over ``draft_vocab``.
+    ``forward`` takes features in the head's space; ``encode`` maps the target's (fused) features there."""
 
     def __init__(self, cfg: EagleConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor):
         super().__init__()
         self.cfg = cfg
         h, d = cfg.hidden_size, cfg.head_dim
         self.fc = nn.Linear(2 * h, h, bias=True)
+        # EAGLE-3: the target's states at len(feature_layers) layers -> one feature of the hidden size
+        self.fuse = nn.Linear(len(cfg.feature_layers) * h, h, bias=False) if cfg.feature_layers else None
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=False)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
@@ -107,6 +119,18 @@ class EagleHead(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ forward
+    @property
+    def feature_size(self) -> int:
+        """Width of the target features the head reads: k*H for fused layers, else H."""
+        return max(len(self.cfg.feature_layers), 1) * self.cfg.hidden_size
+
+    def encode(self, target_feats: torch.Tensor) -> torch.Tensor:
+        """The target's features [..., feature_size] -> the head's input space [..., H]."""
+        if target_feats.shape[-1] != self.feature_size:
+            raise ValueError(f"the head reads target features of width {self.feature_size} "
+                             f"(feature_layers={self.cfg.feature_layers}), got {target_feats.shape[-1]}")
+        return self.fuse(target_feats) if self.fuse is not None else target_feats
+
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                 mask: torch.Tensor | None = None, use_cache: bool = False) -> torch.Tensor:
         """Predicted next features [B, T, H] for pairs (feats [B, T, H], tokens [B, T]).
@@ -234,10 +258,16 @@ class EagleDrafter(Drafter):
     def identity_module(self) -> torch.nn.Module:
         return self.head
 
+    @property
+    def feature_layers(self) -> list[int]:
+        """The target layers whose hidden states the head reads ([]: the final one; models.drafter.target_features)."""
+        return list(self.head.cfg.feature_layers)
+
+    @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, target_hidden: torch.Tensor | None = None) -> None:
         if target_hidden is None:
             raise ValueError("EagleDrafter.prefill needs the target's hidden states of the prompt")
-        feats = target_hidden.reshape(-1, target_hidden.shape[-1]).to(self.device, self.head.embed.dtype)
+        feats = self.head.encode(target_hidden.reshape(-1, target_hidden.shape[-1]).to(self.device, self.head.embed.dtype))
         ids = input_ids.reshape(-1).tolist()
         self.head.reset_cache()
         self.pending_feats = list(feats[:-1].unbind(0))
@@ -280,10 +310,11 @@ class EagleDrafter(Drafter):
         self.last_hidden = out  # [F, H]
         return self._expand(head.logits(out)).float()
 
+    @torch.no_grad()
     def commit(self, tree: DraftTree, path: list[int], target_hidden: torch.Tensor | None = None) -> None:
         if target_hidden is None:
             raise ValueError("EagleDrafter.commit needs the target's hidden states of the accepted path")
-        feats = target_hidden.reshape(len(path), -1).to(self.device, self.head.embed.dtype)
+        feats = self.head.encode(target_hidden.reshape(len(path), -1).to(self.device, self.head.embed.dtype))
         tokens = tree.tokens[path].tolist()
         if self.cached_nodes:  # the root pair (true feature) stays; drafted nodes go
             self.head.crop_cache(self.tree_base + 1)

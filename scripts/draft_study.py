@@ -79,11 +79,15 @@ def run(cfg: DictConfig) -> dict:
     if s.get("reference"):
         drafts["reference"] = load_draft(resolve_model_path(s.reference, m.cache_dir, m.data_dir), target, m)
     decoders = {name: SpeculativeDecoder.from_models(target, d, tokenizer, config) for name, d in drafts.items()}
-    evaldata, groups = eval_continuations(cfg)
+    evalsets = {}  # the continuations, with the target states each draft reads (feature_layers)
     e = cfg.eval_draft
     measured = {}
     for name, dec in decoders.items():
         t0 = time.time()
+        layers = tuple(getattr(dec.drafter, "feature_layers", None) or ())
+        if layers not in evalsets:
+            evalsets[layers] = eval_continuations(cfg, list(layers) or None)
+        evaldata, groups = evalsets[layers]
         agree = chain_agreement(dec.drafter, evaldata, e.chain_depth, dec.device, groups)
         lat = latency(target, dec.drafter, e.latency_context, e.latency_repeats,
                       target.get_output_embeddings().weight.shape[0], e.seed)

@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> dict:
     result = dict(config=OmegaConf.to_container(cfg, resolve=True), draft=m.draft_model_name,
                   threads=torch.get_num_threads())
     if "agreement" in parts:
-        data, groups = eval_continuations(cfg)
+        data, groups = eval_continuations(cfg, getattr(drafter, "feature_layers", None))
         t0 = time.time()
         result["agreement"] = chain_agreement(drafter, data, e.chain_depth, decoder.device, groups)
         print(f"agreement on {result['agreement']['positions']} positions of {len(data['prompt_lens'])} target "

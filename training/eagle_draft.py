@@ -8,6 +8,9 @@ Per sequence of target-written text with the target's final hidden states f_0 ..
                    the prompt pairs are still fed, so attention sees the context it sees at inference.
 ``unroll`` > 1 adds EAGLE-3's "training-time test": the head's own predictions are fed back as the
 features of a second pass, so it learns to draft from its own features as it must at depth >= 2.
+With ``teacher.feature_layers`` (EAGLE-3's fused features) the first pass reads the target's states
+at those layers (the shards' ``features``) through the head's ``fuse`` projection instead of f_t;
+the regression target stays f_{t+1} (``reg_weight: 0`` drops it, as EAGLE-3 does).
 
 The reduced vocabulary is the ``vocab_size`` most frequent target answer tokens of the training shards
 (its coverage of held-out target text is measured and recorded). Everything is deterministic for a
@@ -66,24 +69,30 @@ def sequences(data: dict, max_len: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def make_batch(data: dict, seqs: list[tuple[int, int, int]], device: torch.device):
-    """Right-padded tensors for a list of sequences: feats [B, T, H], tokens [B, T], positions [B, T],
-    target feats [B, T, H], loss mask [B, T] (T = longest length - 1)."""
+def make_batch(data: dict, seqs: list[tuple[int, int, int]], device: torch.device, key: str = "hidden"):
+    """Right-padded tensors for a list of sequences: input feats [B, T, F] (``data[key]``: the final
+    states, or the layer ``features``), tokens [B, T], positions [B, T], target feats [B, T, H], loss
+    mask [B, T] (T = longest length - 1)."""
     width = max(b - a for a, b, _ in seqs) - 1
     hdim = data["hidden"].shape[1]
-    feats = torch.zeros(len(seqs), width, hdim)
+    feats = torch.zeros(len(seqs), width, data[key].shape[1])
     target = torch.zeros(len(seqs), width, hdim)
     tokens = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.bool)
     for row, (a, b, p) in enumerate(seqs):
         n = b - a - 1
         h = data["hidden"][a:b].float()
-        feats[row, :n] = h[:-1]
+        feats[row, :n] = data[key][a:b - 1].float()
         tokens[row, :n] = data["input_ids"][a + 1:b].long()
         target[row, :n - 1] = h[1:-1]  # f_{t+1}; the last pair (t = n-1) has no target state
         mask[row, max(p - 2, 0):n - 1] = True  # pair t predicts x_{t+2}: an answer token iff t+2 >= p
     pos = torch.arange(width).expand(len(seqs), width)
     return feats.to(device), tokens.to(device), pos.to(device), target.to(device), mask.to(device)
+
+
+def feature_key(feature_layers) -> str:
+    """The teacher-shard tensor a head with ``feature_layers`` reads as its input features."""
+    return "features" if feature_layers else "hidden"
 
 
 def batches(seqs: list, batch_tokens: int, seed: int, epoch: int) -> list[list]:
@@ -110,7 +119,7 @@ def batches(seqs: list, batch_tokens: int, seed: int, epoch: int) -> list[list]:
 def loss_fn(head: EagleHead, feats, tokens, pos, target, mask, cfg) -> tuple[torch.Tensor, dict]:
     """Regression + soft cross-entropy over ``cfg.unroll`` passes (later passes read predictions)."""
     total, stats = 0.0, {}
-    inp = feats
+    inp = feats = head.encode(feats)  # the target's features in the head's input space
     with torch.no_grad(), torch.autocast(target.device.type, enabled=False):  # exact soft labels
         teacher = F.softmax(target[mask].float() @ head.lm_head.float().t(), dim=-1)
     for k in range(cfg.unroll):
@@ -138,8 +147,8 @@ def agreement(head: EagleHead, data: dict, seqs: list, device, batch_tokens: int
     vocab_ids = head.vocab_ids
     hit1 = hit4 = total = 0
     for batch in batches(seqs, batch_tokens, 0, 0):
-        feats, tokens, pos, target, mask = make_batch(data, batch, device)
-        out = head(feats.to(head.fc.weight.dtype), tokens, pos)
+        feats, tokens, pos, target, mask = make_batch(data, batch, device, feature_key(head.cfg.feature_layers))
+        out = head(head.encode(feats.to(head.fc.weight.dtype)), tokens, pos)
         top = head.logits(out[mask]).topk(4, dim=-1).indices
         want = torch.cat([tokens[r, 1:][mask[r, :-1]] for r in range(len(batch))])  # x_{t+2}
         got = vocab_ids[top]
@@ -165,7 +174,12 @@ def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=N
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     vocab = select_vocab(data, train, cfg.vocab_size, tuple(eos))
     held_cov = coverage(data, held, vocab)
-    head = EagleHead(EagleConfig.from_target(target, vocab, cfg.get("intermediate_size")),
+    layers = list((cfg.get("teacher") or {}).get("feature_layers") or [])
+    key = feature_key(layers)
+    if key not in data:
+        raise ConfigError(f"the recipe reads the target's states at layers {layers} (teacher.feature_layers) but "
+                          "the teacher shards carry only the final ones: they come from another teacher recipe")
+    head = EagleHead(EagleConfig.from_target(target, vocab, cfg.get("intermediate_size"), layers),
                      target.get_input_embeddings().weight, target.get_output_embeddings().weight).to(device)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -197,7 +211,7 @@ def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=N
     t0 = time.time()
     head.train()
     while step < total_steps:
-        feats, tokens, pos, target_f, mask = make_batch(data, flat[step], device)
+        feats, tokens, pos, target_f, mask = make_batch(data, flat[step], device, key)
         if cfg.feature_noise > 0:  # robustness to the head's own (noisy) features at depth >= 2
             g = torch.Generator(device="cpu").manual_seed(cfg.seed * 100003 + step)
             feats = feats + (torch.rand(feats.shape, generator=g).to(device) - 0.5) * 2 * cfg.feature_noise

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from models.drafter import Drafter
+from models.drafter import Drafter, target_features
 from models.kv_cache import keep_tokens, new_cache
 from models.tree import DraftTree
 
@@ -32,6 +32,11 @@ def chain_agreement(drafter: Drafter, data: dict, depth: int, device, groups: li
 
     ``groups`` (one label per sequence, e.g. the prompt category) adds top-1 agreement per label."""
     needs_hidden = getattr(drafter, "needs_target_hidden", False)
+    key = "features" if getattr(drafter, "feature_layers", None) else "hidden"
+    if needs_hidden and key not in data:
+        raise ValueError("the draft reads the target's states at several layers (feature_layers) but the "
+                         "continuations carry only the final ones: make them with eval_continuations(cfg, "
+                         "feature_layers=...)")
     right = [0] * depth  # chains whose first k+1 tokens are all right
     reach = [0] * depth  # chains that drafted token k+1 (tokens 1..k right, and the text goes on)
     avail = [0] * depth  # positions with at least k+1 tokens of text after them
@@ -41,7 +46,7 @@ def chain_agreement(drafter: Drafter, data: dict, depth: int, device, groups: li
         hits_before, pos_before = top1, positions
         a, b = int(data["offsets"][s]), int(data["offsets"][s + 1])
         ids = data["input_ids"][a:b].long().to(device)
-        feats = data["hidden"][a:b].float().to(device)
+        feats = data[key][a:b].float().to(device)
         p = int(data["prompt_lens"][s])
         drafter.prefill(ids[:p].unsqueeze(0), target_hidden=feats[:p] if needs_hidden else None)
         for i in range(p, len(ids) - 1):  # root x_i (already the target's); the draft guesses x_{i+1}..
@@ -77,9 +82,10 @@ def chain_agreement(drafter: Drafter, data: dict, depth: int, device, groups: li
             "top1_by_group": {k: {"top1": h / max(t, 1), "positions": t} for k, (h, t) in sorted(by_group.items())}}
 
 
-def eval_continuations(cfg) -> tuple[dict, list[str]]:
+def eval_continuations(cfg, feature_layers=None) -> tuple[dict, list[str]]:
     """The fp32 target's greedy continuations of ``cfg.eval_draft``'s prompts (written once, cached as
-    teacher-format shards in $TREESPEC_CACHE/evalset-<hash>/) and each sequence's prompt category."""
+    teacher-format shards in $TREESPEC_CACHE/evalset-<hash>/) and each sequence's prompt category.
+    ``feature_layers`` (an EAGLE-3 style draft's) also stores the target's states at those layers."""
     from omegaconf import OmegaConf
 
     from models.config import repo_path
@@ -93,7 +99,8 @@ def eval_continuations(cfg) -> tuple[dict, list[str]]:
     target_dir = resolve_model_path(m.target_model_name, m.cache_dir, str(repo_path(cfg.data_dir)))
     tcfg = OmegaConf.create(dict(files=[e.prompt_file], num_prompts=e.num_prompts, shard_prompts=e.num_prompts,
                                  batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
-                                 max_prompt_tokens=e.max_prompt_tokens, top_k=4, dtype="float32", seed=e.seed))
+                                 max_prompt_tokens=e.max_prompt_tokens, top_k=4, dtype="float32", seed=e.seed,
+                                 feature_layers=list(feature_layers) if feature_layers else None))
     shards = ensure_teacher(target_dir, m.target_model_name, tcfg, repo_path(cfg.data_dir), cache_root(m.cache_dir),
                             m.device, prefix="evalset", forbid=())
     data = teacher_data.load_shards(shards)
@@ -121,7 +128,7 @@ def latency(target, drafter: Drafter, context: int, repeats: int, vocab: int, se
     needs_hidden = getattr(drafter, "needs_target_hidden", False)
     cache = new_cache(target)
     out = target(input_ids=ids[:, :context], past_key_values=cache, use_cache=True, output_hidden_states=needs_hidden)
-    hidden = out.hidden_states[-1][0] if needs_hidden else None
+    hidden = target_features(drafter, out)
 
     def target_step():
         target(input_ids=ids[:, context:], past_key_values=cache, use_cache=True)

@@ -8,6 +8,10 @@ target inside the training loop (on 2 CPU cores the teacher forward was most of 
                                           sequences back to back (offsets below)
         hidden        fp16  [T, H]        the target's final hidden state (after its last norm: the
                                           input of its lm_head) at every position
+        features      bf16  [T, k*H]      only with ``teacher.feature_layers`` (EAGLE-3 style drafts):
+                                          the target's hidden states ``hidden_states[l]`` (Hugging
+                                          Face numbering: the input of decoder layer l) for each of
+                                          the k layers, concatenated
         topk_ids      int32 [T, k]        the target's top-k next tokens at every position ...
         topk_logprobs fp16  [T, k]        ... and their log-probs (full-vocabulary softmax)
         offsets       int64 [S+1]         sequence s is rows offsets[s]:offsets[s+1]
@@ -80,14 +84,19 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
 
 
 class _NormCapture:
-    """Forward hook on the target's final norm: collects [B, t, H] outputs of every call."""
+    """Forward hook on the target's final norm (or, ``pre=True``, pre-hook on a decoder layer: its
+    input hidden states): collects the [B, t, H] tensors of every call."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, pre: bool = False):
         self.chunks: list[torch.Tensor] = []
-        self.handle = module.register_forward_hook(self._hook)
+        self.handle = (module.register_forward_pre_hook(self._pre_hook, with_kwargs=True) if pre
+                       else module.register_forward_hook(self._hook))
 
     def _hook(self, module, args, output):
         self.chunks.append(output.detach())
+
+    def _pre_hook(self, module, args, kwargs):
+        self.chunks.append((args[0] if args else kwargs["hidden_states"]).detach())
 
     def take(self) -> torch.Tensor:
         out, self.chunks = torch.cat(self.chunks, dim=1), []
@@ -95,6 +104,38 @@ class _NormCapture:
 
     def close(self) -> None:
         self.handle.remove()
+
+
+class _LayersCapture:
+    """Pre-hooks on the decoder layers ``layers`` (Hugging Face ``hidden_states`` numbering: entry l is
+    the input of decoder layer l): ``take()`` gives their states concatenated, [B, t, k*H]."""
+
+    def __init__(self, model, layers: list[int]):
+        blocks = decoder_layers(model)
+        for l in layers:
+            if not 1 <= l < len(blocks):
+                raise ConfigError(f"teacher.feature_layers: {l} is not a layer input of this target; use "
+                                  f"1 .. {len(blocks) - 1} (Hugging Face hidden_states numbering)")
+        self.captures = [_NormCapture(blocks[l], pre=True) for l in layers]
+
+    def take(self) -> torch.Tensor:
+        return torch.cat([c.take() for c in self.captures], dim=-1)
+
+    def close(self) -> None:
+        for c in self.captures:
+            c.close()
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The target's stack of decoder layers (Llama/Qwen2 ``model.layers``, GPT-2 ``h``, ...)."""
+    base = model.base_model
+    for name in ("layers", "h", "blocks"):
+        stack = getattr(base, name, None)
+        if stack is None and hasattr(base, "decoder"):
+            stack = getattr(base.decoder, name, None)
+        if isinstance(stack, torch.nn.ModuleList):
+            return stack
+    raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}; teacher.feature_layers needs them")
 
 
 def final_norm(model) -> torch.nn.Module:
@@ -111,8 +152,9 @@ def final_norm(model) -> torch.nn.Module:
 
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, eos_ids: set[int],
-                   top_k: int, capture: _NormCapture) -> list[dict]:
-    """Greedy answers for a batch of prompts (left padded) with hidden states and top-k per position."""
+                   top_k: int, capture: _NormCapture, layers: _LayersCapture | None = None) -> list[dict]:
+    """Greedy answers for a batch of prompts (left padded) with hidden states and top-k per position
+    (and, with ``layers``, the states of those layers)."""
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -122,6 +164,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, pad_id:
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
     hidden = capture.take()  # [B, width + steps, H]: the last generated token was never fed
+    multi = layers.take() if layers is not None else None  # [B, width + steps, k*H]
     lm_head = model.get_output_embeddings()
     rows = []
     for row, p in enumerate(prompts):
@@ -142,8 +185,12 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, pad_id:
         topk_lp = torch.zeros(len(seq), top_k, dtype=torch.float16)
         topk_ids[len(p) - 1:-1] = top.indices.int()
         topk_lp[len(p) - 1:-1] = top.values.half()
-        rows.append({"ids": seq, "prompt_len": len(p), "hidden": h.half(), "topk_ids": topk_ids,
-                     "topk_logprobs": topk_lp})
+        row_out = {"ids": seq, "prompt_len": len(p), "hidden": h.half(), "topk_ids": topk_ids,
+                   "topk_logprobs": topk_lp}
+        if multi is not None:
+            f = multi[row, width - len(p):width + len(answer) - 1]
+            row_out["features"] = torch.cat([f, f.new_zeros(1, f.shape[1])]).to(torch.bfloat16)
+        rows.append(row_out)
     return rows
 
 
@@ -162,6 +209,8 @@ def build_shards(model, tokenizer, prompts: list[dict], out_dir: Path, cfg, meta
     paths = [shard_path(out_dir, i) for i in range(n_shards)]
     todo = [i for i in range(n_shards) if not paths[i].is_file()]
     capture = _NormCapture(final_norm(model))
+    layer_ids = getattr(cfg, "feature_layers", None)
+    layers = _LayersCapture(model, list(layer_ids)) if layer_ids else None
     bar = tqdm(total=len(todo) * cfg.shard_prompts, desc="teacher answers", unit="prompt", disable=not progress)
     try:
         for i in todo:
@@ -173,12 +222,14 @@ def build_shards(model, tokenizer, prompts: list[dict], out_dir: Path, cfg, meta
             for b in range(0, len(encoded), cfg.batch_size):
                 batch = encoded[b:b + cfg.batch_size]
                 rows += generate_batch(model, [e for _, e in batch], cfg.max_new_tokens, pad_id, eos_ids,
-                                       cfg.top_k, capture)
+                                       cfg.top_k, capture, layers)
                 bar.update(len(batch))
             _save_shard(paths[i], rows, [r["id"] for r, _ in encoded], meta, time.time() - t0)
             bar.update(len(chunk) - len(encoded))
     finally:
         capture.close()
+        if layers is not None:
+            layers.close()
         bar.close()
     return paths
 
@@ -197,6 +248,10 @@ def _save_shard(path: Path, rows: list[dict], ids: list[str], meta: dict, second
         "offsets": offsets,
         "prompt_lens": torch.tensor([r["prompt_len"] for r in rows], dtype=torch.int64),
     }
+    if rows and "features" in rows[0]:
+        tensors["features"] = torch.cat([r["features"] for r in rows]).contiguous()
+        if not torch.isfinite(tensors["features"]).all():
+            raise RuntimeError("teacher layer features are not finite")
     answer_tokens = int(sum(len(r["ids"]) - r["prompt_len"] for r in rows))
     info = dict(meta, prompt_ids=ids, answer_tokens=answer_tokens, seconds=round(seconds, 1))
     tmp = path.with_suffix(".tmp")
@@ -218,7 +273,14 @@ def load_shards(paths: list[Path]) -> dict[str, torch.Tensor | list]:
             raise ModelLoadError(f"teacher shard {p} is unreadable ({exc}); delete it and rerun to remake it") from exc
     if not parts:
         raise ModelLoadError("no teacher shards to load")
-    out = {k: torch.cat([part[k] for part in parts]) for k in ("input_ids", "hidden", "topk_ids", "topk_logprobs")}
+    keys = ["input_ids", "hidden", "topk_ids", "topk_logprobs"]
+    with_features = ["features" in part for part in parts]
+    if any(with_features):
+        if not all(with_features):
+            raise ModelLoadError("teacher shards mix files with and without layer features; they come from "
+                                 "different recipes (teacher.feature_layers)")
+        keys.append("features")
+    out = {k: torch.cat([part[k] for part in parts]) for k in keys}
     offsets, prompt_lens, base = [torch.zeros(1, dtype=torch.int64)], [], 0
     for part in parts:
         offsets.append(part["offsets"][1:] + base)

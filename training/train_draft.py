@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def teacher_dir(root: Path, target_name: str, tcfg, prefix: str = "teacher") -> Path:
-    """Cache folder of a teacher recipe; ``num_prompts`` is not part of the key (more prompts extend it)."""
-    key = {k: v for k, v in OmegaConf.to_container(tcfg, resolve=True).items() if k != "num_prompts"}
+    """Cache folder of a teacher recipe; ``num_prompts`` is not part of the key (more prompts extend it),
+    nor an unset ``feature_layers`` (recipes from before that key keep their folder)."""
+    key = {k: v for k, v in OmegaConf.to_container(tcfg, resolve=True).items()
+           if k != "num_prompts" and not (k == "feature_layers" and not v)}
     digest = hashlib.sha256(json.dumps([target_name, key], sort_keys=True).encode()).hexdigest()[:10]
     return root / f"{prefix}-{digest}"
 
