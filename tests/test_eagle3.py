@@ -1,6 +1,7 @@
 """EAGLE-3 style fused features (teacher.feature_layers): the teacher stores the target's states at
 several layers, the head fuses them, the decoder feeds them, and decoding stays lossless."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -67,9 +68,10 @@ def test_layer_choice_and_mixed_shards_are_refused(fused_shards, tmp_path):
 def test_teacher_folder_of_older_recipes_is_unchanged():
     """Adding the key must not orphan teacher data made before it (its folder name is a hash)."""
     base = dict(files=["a.jsonl"], num_prompts=96, shard_prompts=96, top_k=8, dtype="bfloat16", seed=0)
-    old = teacher_dir(tmp := __import__("pathlib").Path("/c"), "demo:target", OmegaConf.create(base))
-    assert teacher_dir(tmp, "demo:target", OmegaConf.create({**base, "feature_layers": None})) == old
-    assert teacher_dir(tmp, "demo:target", OmegaConf.create({**base, "feature_layers": [2, 15]})) != old
+    root = Path("/cache")
+    old = teacher_dir(root, "demo:target", OmegaConf.create(base))
+    assert teacher_dir(root, "demo:target", OmegaConf.create({**base, "feature_layers": None})) == old
+    assert teacher_dir(root, "demo:target", OmegaConf.create({**base, "feature_layers": [2, 15]})) != old
 
 
 def fused_cfg(**kw):
