@@ -1,6 +1,7 @@
 """EAGLE-3 style fused features (teacher.feature_layers): the teacher stores the target's states at
 several layers, the head fuses them, the decoder feeds them, and decoding stays lossless."""
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -112,8 +113,9 @@ def test_fused_head_trains_decodes_losslessly_and_is_measured(fused_shards, tmp_
 
     # Lossless with every search: the head changes which tokens are proposed, never what is accepted.
     target.generation_config.eos_token_id = None
-    for search in SEARCHES:
-        decoder = SpeculativeDecoder.from_models(target, drafter, None, make_config(default_config, search))
+    unpruned = dataclasses.replace(default_config, pruning=dataclasses.replace(default_config.pruning, strategy="none"))
+    for search in SEARCHES:  # unpruned: whether nodes get verified must not depend on measured costs
+        decoder = SpeculativeDecoder.from_models(target, drafter, None, make_config(unpruned, search))
         for prompt in prompts(2, seed=7):
             got, stats = decoder.generate(torch.tensor([prompt]), max_new_tokens=16)
             assert got[0].tolist() == hf_greedy(target, prompt, 16), search

@@ -15,7 +15,9 @@ from models.verification import verify_greedy
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
 from training.traces import TraceRecorder, collect, load_traces, read_prompt_rows, split_by_prompt
 
-TREE = ["decoding.method=tree", "tree_search=dynamic", "tree_search.max_depth=4", "tree_search.max_candidates=3",
+# pruning=none: what the recorder stores must not depend on this machine's measured cost curves (under
+# load the cost-aware policy may verify no drafted node at all on the tiny pair).
+TREE = ["pruning=none", "decoding.method=tree", "tree_search=dynamic", "tree_search.max_depth=4", "tree_search.max_candidates=3",
         "tree_search.max_nodes=12"]
 PROMPT = [5, 9, 17, 33, 2]
 TEMPERATURE = 0.8
