@@ -42,9 +42,17 @@ MARKER = "treespec.json"
 # Special values of config.model.{target,draft}_model_name that resolve to the demo pair.
 DEMO_TARGET = "demo:target"
 DEMO_DRAFT = "demo:draft"  # the shipped EAGLE-style head
+DEMO_DRAFT_MORE = "demo:draft-more"  # the same head trained on wider teacher data (shipped; opt-in)
 DEMO_DRAFT_LM = "demo:draft-lm"  # the quick small-LM draft, built on first use
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
-SHIPPED_DRAFT = CHECKPOINTS / "smollm2-135m-eagle"
+# The shipped EAGLE-style heads: demo name -> (directory, the command that remakes it).
+SHIPPED_DRAFTS = {
+    DEMO_DRAFT: (CHECKPOINTS / "smollm2-135m-eagle",
+                 "python scripts/train_draft.py draft=eagle out_dir=models/checkpoints/smollm2-135m-eagle"),
+    DEMO_DRAFT_MORE: (CHECKPOINTS / "smollm2-135m-eagle-more",
+                      "python scripts/train_draft.py draft=eagle_more draft.teacher.num_prompts=4224 draft.epochs=7 "
+                      "draft.tag=eagle-more-44 out_dir=models/checkpoints/smollm2-135m-eagle-more"),
+}
 # The shipped alignment / acceptance predictor of each demo draft: demo:alignment, demo:predictor.
 _SHIPPED_LEARNED = {DEMO_DRAFT: "smollm2-135m-eagle", DEMO_DRAFT_LM: "smollm2-135m-draft-lm"}
 

@@ -23,6 +23,8 @@ def resolve_model_path(name: str, cache_dir: str | None = None, data_dir: str | 
 
     ``demo:draft``     the shipped default draft for the demo target: the EAGLE-style head in
                        models/checkpoints/smollm2-135m-eagle (made by scripts/train_draft.py draft=eagle)
+    ``demo:draft-more`` the same head trained on wider teacher data (translation and summarization
+                       prompts too): models/checkpoints/smollm2-135m-eagle-more (draft=eagle_more)
     ``demo:draft-lm``  an independent small causal LM draft (the target's first layers, distilled;
                        configs/draft/quick.yaml, built on first use by scripts/make_draft.py); Hugging
                        Face assisted generation can use it, as it is a plain HF model
@@ -34,14 +36,13 @@ def resolve_model_path(name: str, cache_dir: str | None = None, data_dir: str | 
 
     if name == demo_pair.DEMO_TARGET:
         return demo_pair.ensure_demo_target(cache_dir)
-    if name == demo_pair.DEMO_DRAFT:
+    if name in demo_pair.SHIPPED_DRAFTS:
         from models.eagle import is_eagle_draft
 
-        shipped = demo_pair.SHIPPED_DRAFT
+        shipped, remake = demo_pair.SHIPPED_DRAFTS[name]
         if not is_eagle_draft(shipped):
-            raise ModelLoadError(f"the shipped demo draft {shipped} is missing; remake it with "
-                                 "`python scripts/train_draft.py draft=eagle out_dir=models/checkpoints/smollm2-135m-eagle`"
-                                 " or use model.draft_model_name=demo:draft-lm")
+            raise ModelLoadError(f"the shipped demo draft {shipped} ({name}) is missing; remake it with "
+                                 f"`{remake}` or use model.draft_model_name=demo:draft-lm")
         return shipped
     if name == demo_pair.DEMO_DRAFT_LM:
         recipe = OmegaConf.load(CONFIG_DIR / "draft" / "quick.yaml")

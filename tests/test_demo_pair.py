@@ -43,14 +43,15 @@ def test_demo_pair_greedy_is_lossless(pair, method, mode, default_config):
         assert stats.target_forwards <= 20
 
 
+@pytest.mark.parametrize("name", ["demo:draft", "demo:draft-more"])
 @pytest.mark.parametrize("method", ["chain", "tree"])
-def test_shipped_eagle_draft_is_lossless_and_accepted(pair, method, default_config):
-    """The default draft shipped in models/checkpoints: exact greedy output on the demo target, and it
-    is a useful draft (more than one token per target forward on these prompts)."""
+def test_shipped_eagle_draft_is_lossless_and_accepted(pair, method, name, default_config):
+    """The heads shipped in models/checkpoints: exact greedy output on the demo target, and each is a
+    useful draft (more than one token per target forward on these prompts)."""
     from speculative_decoder import load_draft, resolve_model_path
 
     target, _, tokenizer = pair
-    draft = load_draft(resolve_model_path("demo:draft"), target, default_config.model)
+    draft = load_draft(resolve_model_path(name), target, default_config.model)
     config = dataclasses.replace(default_config,
                                  decoding=dataclasses.replace(default_config.decoding, method=method, do_sample=False))
     decoder = SpeculativeDecoder.from_models(target, draft, tokenizer, config)
@@ -60,7 +61,17 @@ def test_shipped_eagle_draft_is_lossless_and_accepted(pair, method, default_conf
         with torch.no_grad():
             want = target.generate(ids, max_new_tokens=32, do_sample=False, attention_mask=torch.ones_like(ids))
         got, stats = decoder.generate(ids, max_new_tokens=32)
-        assert got.tolist() == want.tolist(), (method, prompt)
+        assert got.tolist() == want.tolist(), (name, method, prompt)
         forwards += stats.target_forwards
         tokens += stats.new_tokens
-    assert tokens / forwards > 1.3, (tokens, forwards)
+    assert tokens / forwards > 1.3, (name, tokens, forwards)
+
+
+def test_missing_shipped_head_says_how_to_remake_it(tmp_path, monkeypatch):
+    from models import demo_pair
+    from models.errors import ModelLoadError
+    from speculative_decoder import resolve_model_path
+
+    monkeypatch.setitem(demo_pair.SHIPPED_DRAFTS, "demo:draft-more", (tmp_path / "gone", "python remake.py"))
+    with pytest.raises(ModelLoadError, match="demo:draft-more.*python remake.py"):
+        resolve_model_path("demo:draft-more")
