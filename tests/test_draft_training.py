@@ -23,15 +23,19 @@ def make_prompts(n, seed=0):
             for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def teacher_shards(tmp_path_factory, teacher, layers: int = 2, meta=None):
+    """(tiny target with EOS 1, its teacher shards for 24 prompts under ``teacher``)."""
     torch.set_num_threads(1)
-    target = tiny_model("llama", seed=0)
+    target = tiny_model("llama", seed=0, layers=layers)
     target.generation_config.eos_token_id = 1
     out = tmp_path_factory.mktemp("teacher")
-    paths = teacher_data.build_shards(target, tiny_tokenizer(), make_prompts(24), out, TEACHER, {"t": 1},
-                                      progress=False)
-    return target, paths
+    return target, teacher_data.build_shards(target, tiny_tokenizer(), make_prompts(24), out, teacher, meta or {"t": 1},
+                                             progress=False)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return teacher_shards(tmp_path_factory, TEACHER)
 
 
 def test_teacher_shards_are_the_targets_greedy_text_and_states(shards):

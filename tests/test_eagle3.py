@@ -14,7 +14,7 @@ from models.drafter import HFDrafter, target_features
 from models.eagle import EagleConfig, EagleDrafter, EagleHead, load_eagle_draft
 from models.errors import ConfigError, ModelLoadError
 from speculative_decoder import SpeculativeDecoder
-from test_draft_training import make_prompts, train_cfg
+from test_draft_training import make_prompts, teacher_shards, train_cfg
 from test_lossless_greedy import SEARCHES, hf_greedy, make_config, prompts
 from training import eagle_draft, teacher_data
 from training.eval_draft import chain_agreement, latency
@@ -25,20 +25,9 @@ TEACHER = SimpleNamespace(shard_prompts=4, batch_size=3, max_new_tokens=10, max_
                           feature_layers=LAYERS)
 
 
-def four_layer_target():
-    target = tiny_model("llama", seed=0, layers=4)
-    target.generation_config.eos_token_id = 1
-    return target
-
-
 @pytest.fixture(scope="module")
 def fused_shards(tmp_path_factory):
-    torch.set_num_threads(1)
-    target = four_layer_target()
-    out = tmp_path_factory.mktemp("teacher3")
-    paths = teacher_data.build_shards(target, tiny_tokenizer(), make_prompts(24), out, TEACHER, {"t": 3},
-                                      progress=False)
-    return target, paths
+    return teacher_shards(tmp_path_factory, TEACHER, layers=4, meta={"t": 3})
 
 
 def test_layer_features_are_the_targets_hidden_states(fused_shards):

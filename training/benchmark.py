@@ -413,10 +413,9 @@ def _run_one(decoder: SpeculativeDecoder, method: str, ids: torch.Tensor, max_ne
 def draft_decoders(decoder: SpeculativeDecoder, drafts: dict | None, taken: list[str]) -> dict:
     """``benchmark.drafts`` (name -> draft) as decoders sharing ``decoder``'s target and config, so
     each draft's tree runs beside the others in one run."""
-    out = {}
     from speculative_decoder import load_draft, resolve_model_path
 
-    m = decoder.config.model
+    out, m = {}, decoder.config.model
     for name, draft_name in (drafts or {}).items():
         if name in taken:
             raise ConfigError(f"benchmark.drafts name {name!r} is already a method or variant name; pick another")

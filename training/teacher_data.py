@@ -126,28 +126,28 @@ class _LayersCapture:
             c.close()
 
 
+def _base_submodule(model, names: tuple[str, ...], kind: type, what: str, needed_by: str):
+    """The first of ``names`` on the model's base (or its ``decoder``) that is a ``kind``."""
+    base = model.base_model
+    for name in names:
+        found = getattr(base, name, None)
+        if found is None and hasattr(base, "decoder"):
+            found = getattr(base.decoder, name, None)
+        if isinstance(found, kind):
+            return found
+    raise ConfigError(f"cannot find the {what} of {type(model).__name__}; {needed_by}")
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The target's stack of decoder layers (Llama/Qwen2 ``model.layers``, GPT-2 ``h``, ...)."""
-    base = model.base_model
-    for name in ("layers", "h", "blocks"):
-        stack = getattr(base, name, None)
-        if stack is None and hasattr(base, "decoder"):
-            stack = getattr(base.decoder, name, None)
-        if isinstance(stack, torch.nn.ModuleList):
-            return stack
-    raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}; teacher.feature_layers needs them")
+    return _base_submodule(model, ("layers", "h", "blocks"), torch.nn.ModuleList, "decoder layers",
+                           "teacher.feature_layers needs them")
 
 
 def final_norm(model) -> torch.nn.Module:
     """The module whose output feeds the lm_head (Llama/Qwen2 ``model.norm``, GPT-2 ``ln_f``, ...)."""
-    base = model.base_model
-    for name in ("norm", "ln_f", "final_layer_norm", "final_layernorm"):
-        module = getattr(base, name, None)
-        if module is None and hasattr(base, "decoder"):
-            module = getattr(base.decoder, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise ConfigError(f"cannot find the final norm of {type(model).__name__}; teacher hidden states need it")
+    return _base_submodule(model, ("norm", "ln_f", "final_layer_norm", "final_layernorm"), torch.nn.Module,
+                           "final norm", "teacher hidden states need it")
 
 
 @torch.no_grad()
