@@ -477,7 +477,9 @@ class SpeculativeDecoder:
         return TreePruner(p, cost)
 
     def _cost_model(self, path: str | None):
-        key = ("cost", path)
+        from models.fast_linear import linear_kernel
+
+        key = ("cost", path, linear_kernel(self.target_model))  # the kernel changes the curves
         if key not in self._learned_cache:
             from models.cost_model import CostModel
             from models.cost_profile import NODE_COUNTS, WIDTHS, load_or_profile

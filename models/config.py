@@ -24,7 +24,7 @@ METHODS = ("target_only", "chain", "tree")
 TREE_MODES = ("static", "dynamic")
 CHILD_DRAWS = ("topk", "iid", "without_replacement")
 DTYPES = ("float32", "bfloat16", "float16")
-CPU_LINEAR = ("mkl", "onednn", "hybrid")  # model.cpu_linear (models/fast_linear.py)
+CPU_LINEAR = ("auto", "invariant", "hybrid", "mkl", "onednn")  # model.cpu_linear (models/fast_linear.py)
 RANK_BY = ("draft", "predictor")
 PRUNING_STRATEGIES = ("none", "threshold", "adaptive", "level", "ratio", "budget", "cost_aware")
 
@@ -43,7 +43,7 @@ class ModelConfig:
     attn_implementation: Optional[str]
     cache_dir: Optional[str]
     data_dir: str  # prompt sets; the demo draft is distilled on its train-only files
-    cpu_linear: str = "hybrid"  # fp32 CPU linear kernels: hybrid | mkl | onednn (models/fast_linear.py)
+    cpu_linear: str = "auto"  # fp32 CPU linear kernels: auto | invariant | hybrid | mkl | onednn (models/fast_linear.py)
 
     def __post_init__(self):
         _check(bool(self.target_model_name), "model.target_model_name", self.target_model_name, "must be a local path or 'demo:target'")

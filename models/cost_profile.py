@@ -38,7 +38,7 @@ import torch
 from models.checkpoint import fingerprint
 from models.cost_model import CostModel
 from models.drafter import target_features
-from models.fast_linear import uses_onednn
+from models.fast_linear import linear_kernel
 from models.kv_cache import cache_length, keep_tokens, new_cache
 from models.tree import DraftTree
 
@@ -97,9 +97,12 @@ def cost_key(decoder, context: int = 200, node_counts: Sequence[int] = NODE_COUN
         "node_counts": sorted({int(n) for n in node_counts}),
         "widths": sorted({int(w) for w in widths}) if drafter is not None else [],
     }
-    linear = uses_onednn(target)
-    if linear:  # oneDNN's packed linear kernels (model.cpu_linear) change the curves
+    linear = linear_kernel(target)
+    if linear:  # packed linear kernels (model.cpu_linear) change the curves
         key["cpu_linear"] = linear
+        if linear == "invariant":  # and so does a change to treespec's own kernel
+            from models.invariant_gemm import source_digest
+            key["cpu_linear_kernel"] = source_digest()
     return json.loads(json.dumps(key))
 
 

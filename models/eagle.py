@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.fast_linear import frozen_linear
 from models.drafter import Drafter
 from models.errors import ModelLoadError, VocabularyMismatchError
 from models.tree import DraftTree
@@ -92,6 +93,8 @@ def _rotate_half(x):
 class EagleHead(nn.Module):
     """fc([embed(x_{t+1}); f_t]) -> one decoder layer -> predicted f_{t+1}; logits over ``draft_vocab``.
     ``forward`` takes features in the head's space; ``encode`` maps the target's (fused) features there."""
+
+    _treespec_frozen_weights = ("lm_head",)  # model.cpu_linear's kernel also runs the reduced lm_head
 
     def __init__(self, cfg: EagleConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor):
         super().__init__()
@@ -166,7 +169,7 @@ class EagleHead(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores over the reduced vocabulary [..., V_r]."""
-        return hidden @ self.lm_head.to(hidden.dtype).t()
+        return frozen_linear(self, "lm_head", hidden)
 
     # ------------------------------------------------------------------ cache
     def reset_cache(self) -> None:

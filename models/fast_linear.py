@@ -1,32 +1,37 @@
-"""oneDNN's prepacked fp32 linear layers on CPU (``model.cpu_linear``: ``hybrid`` default, ``mkl``, ``onednn``).
+"""Which kernel runs a model's fp32 CPU linear layers (``model.cpu_linear``).
 
-The CPU build of torch runs ``nn.Linear`` in fp32 through MKL's GEMM. oneDNN, shipped in the same
-build, has a linear kernel over weights reordered once into its blocked layout
-(``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``, the kernels torch.compile's
-CPU freezing uses). On the 2-core AMD EPYC test machine it ran the demo target's forward after 200
-cached tokens in 41-52 ms for 1 token against MKL's 60-70 ms, but 76-89 against 78-92 ms for 16,
-and end to end the tree was slower with it than with MKL. ``hybrid`` therefore uses oneDNN for
-one-row products only (token-by-token decoding: the target alone +25% end to end) and MKL for
-several rows (tree verification, prefill). README, "Speed levers".
+- ``invariant``: treespec's own batch-invariant AVX-512 kernel (``models/invariant_gemm.py``): on the
+  2-core AMD EPYC test machine the demo target's forward after 200 cached tokens takes 26 ms for 1
+  token and 36 for 8, against 45 and 66 with ``hybrid``; every row's result is bitwise the same
+  however many rows are computed with it.
+- ``auto`` (default): ``invariant`` where it can run (AVX-512 CPU, a C++ compiler), else ``hybrid``.
+- ``hybrid``: oneDNN's prepacked kernel (``torch.ops.mkldnn._reorder_linear_weight`` +
+  ``_linear_pointwise``, what torch.compile's CPU freezing uses) for one-row products, MKL for more.
+- ``onednn``: oneDNN for every product. ``mkl``: the model is left alone (torch's default GEMM).
 
-``use_onednn_linears(model)`` swaps the forward of every fp32 CPU ``nn.Linear`` of the model for the
-packed kernel. The original weights stay the model's parameters (state_dict, tying, fingerprints
-unchanged); the packed copy is remade when the weight changes in place or is replaced, and the
-plain ``F.linear`` runs whenever autograd needs it (training), the input is not fp32 on the CPU, or
-oneDNN is unavailable. Results differ from MKL's by float rounding only (<= 1e-4 on the demo
-target's logits, the size of MKL's own differences between one and several rows), so the fp32
-contract (greedy tokens identical to the target alone) holds and is tested with both settings.
+``apply_cpu_linear(model, mode)`` routes every fp32 CPU ``nn.Linear`` of the model: its forward is
+swapped for one that dispatches on the module's current route, so a model can be switched between
+kernels at any time (the benchmark compares kernels in one run that way). The original weights stay
+the model's parameters (state_dict, tying, fingerprints unchanged); packed copies are made on first
+use per kernel, remade when the weight changes in place or is replaced, and the plain ``F.linear``
+runs whenever autograd needs it (training), the input is not fp32 on the CPU, or the route is MKL.
+Results differ from MKL's by float rounding only, so the fp32 contract (greedy tokens identical to
+the target alone) holds and is tested with every setting. README, "Speed levers".
 """
 
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
 import torch.nn.functional as F
 
+from models import invariant_gemm
 from models.config import CPU_LINEAR
 
+log = logging.getLogger(__name__)
+_warned = False
 
 
 def onednn_available() -> bool:
@@ -34,59 +39,105 @@ def onednn_available() -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def _pack(weight: torch.Tensor) -> tuple:
-    with torch.no_grad():
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1), weight._version, weight.data_ptr()
+def _plain(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """True when the product must take torch's own path (autograd, not fp32 on the CPU, no rows)."""
+    return (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) or x.dtype != torch.float32 \
+        or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu" or x.numel() == 0
 
 
-def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    w = self.weight
-    if (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) or x.dtype != torch.float32 \
-            or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu" or x.numel() == 0:
+def _packed(owner, slot: str, w: torch.Tensor, pack):
+    """The packed copy of ``w`` kept in ``owner.<slot>``, remade when ``w`` changed since."""
+    entry = getattr(owner, slot, None)
+    if entry is None or entry[1] != w._version or entry[2] != w.data_ptr():
+        with torch.no_grad():
+            entry = pack(w.detach()), w._version, w.data_ptr()
+        setattr(owner, slot, entry)
+    return entry[0]
+
+
+def _onednn_pack(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w, 1)
+
+
+def _routed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    route, w = self._treespec_route, self.weight
+    if route is None or _plain(x, w):
         return F.linear(x, w, self.bias)
-    if self._treespec_rows_max and x.numel() > self._treespec_rows_max * x.shape[-1]:
+    if route == "invariant":
+        return invariant_gemm.linear(x, _packed(self, "_treespec_invariant", w, invariant_gemm.pack), w.shape[0],
+                                     self.bias)
+    if route == "hybrid" and x.numel() > x.shape[-1]:
         return F.linear(x, w, self.bias)  # hybrid: MKL for products over several rows
-    packed, version, ptr = self._treespec_onednn
-    if version != w._version or ptr != w.data_ptr():  # the weight changed since it was packed
-        self._treespec_onednn = _pack(w)
-        packed = self._treespec_onednn[0]
+    packed = _packed(self, "_treespec_onednn", w, _onednn_pack)
     shape = x.shape
     bias = self.bias.detach() if self.bias is not None else None
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), packed, bias, "none", [], "")
     return y.reshape(*shape[:-1], y.shape[-1])
 
 
-def use_onednn_linears(model: torch.nn.Module, max_rows: int | None = None) -> int:
-    """Route every fp32 CPU ``nn.Linear`` of ``model`` through oneDNN's packed kernel; returns how many
-    (0 when oneDNN is unavailable or nothing qualifies). ``max_rows``: only products over at most that
-    many rows (``hybrid`` = 1: one-token decoding on oneDNN, tree verification and prefill on MKL).
-    Idempotent (a second call only updates ``max_rows``)."""
-    if not onednn_available():
+def frozen_linear(owner: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` for a frozen weight buffer ``W = owner.<name>`` (e.g. the EAGLE head's reduced
+    lm_head; the owner's class lists it in ``_treespec_frozen_weights``): on treespec's kernel when the
+    owner's linears are routed there, else a plain matmul."""
+    w = getattr(owner, name)
+    if getattr(owner, "_treespec_route", None) != "invariant" or _plain(x, w):
+        return x @ w.to(x.dtype).t()
+    return invariant_gemm.linear(x, _packed(owner, f"_treespec_frozen_{name}", w, invariant_gemm.pack), w.shape[0])
+
+
+def set_linear_kernel(model: torch.nn.Module, mode: str) -> int:
+    """Route every fp32 CPU ``nn.Linear`` of ``model`` (and frozen weights of modules that declare
+    ``_treespec_frozen_weights``) to ``mode`` (``invariant`` | ``hybrid`` | ``onednn`` | ``mkl``, already
+    resolved); returns how many linears. Switching back and forth is cheap: packed copies are kept.
+    Raises ``invariant_gemm.KernelUnavailable`` for ``invariant`` where it cannot run; oneDNN modes are
+    a no-op (0) on a torch build without oneDNN's linear kernel."""
+    if mode == "invariant":
+        invariant_gemm.load()
+    elif mode in ("hybrid", "onednn") and not onednn_available():
         return 0
+    route = None if mode == "mkl" else mode
     count = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32 \
                 and module.weight.device.type == "cpu":
-            if not hasattr(module, "_treespec_onednn"):
-                module._treespec_onednn = _pack(module.weight)
-                module.forward = types.MethodType(_packed_forward, module)
-            module._treespec_rows_max = max_rows
+            if not hasattr(module, "_treespec_route"):
+                if route is None:
+                    continue  # never routed: nothing to undo
+                module.forward = types.MethodType(_routed_forward, module)
+            module._treespec_route = route
             count += 1
+        elif getattr(module, "_treespec_frozen_weights", None):
+            module._treespec_route = route
     return count
 
 
-def uses_onednn(model: torch.nn.Module) -> str | None:
-    """``"onednn"`` or ``"hybrid"`` when ``use_onednn_linears`` was applied to ``model``, else None."""
+def linear_kernel(model: torch.nn.Module) -> str | None:
+    """The kernel ``model``'s linears are routed to (``"invariant"``, ``"hybrid"`` or ``"onednn"``), or
+    None (MKL: never routed, or routed back)."""
     for m in model.modules():
-        if hasattr(m, "_treespec_onednn"):
-            return "hybrid" if m._treespec_rows_max else "onednn"
+        if type(m) is torch.nn.Linear and hasattr(m, "_treespec_route"):
+            return m._treespec_route
     return None
 
 
-def apply_cpu_linear(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """``model.cpu_linear``: ``mkl`` leaves the model alone; ``onednn`` / ``hybrid`` pack its linears."""
+def resolve_cpu_linear(mode: str) -> str:
+    """``auto`` -> ``invariant`` where the kernel builds and runs here, else ``hybrid`` (logged once)."""
     if mode not in CPU_LINEAR:
         raise ValueError(f"cpu_linear must be one of {CPU_LINEAR}, got {mode!r}")
-    if mode != "mkl":
-        use_onednn_linears(model, max_rows=1 if mode == "hybrid" else None)
+    if mode != "auto":
+        return mode
+    try:
+        invariant_gemm.load()
+        return "invariant"
+    except invariant_gemm.KernelUnavailable as exc:
+        global _warned
+        if not _warned:
+            log.warning("model.cpu_linear=auto: using hybrid (oneDNN/MKL) kernels: %s", exc)
+            _warned = True
+        return "hybrid"
+
+
+def apply_cpu_linear(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``model.cpu_linear`` on ``model`` (``auto`` resolved first); returns the model."""
+    set_linear_kernel(model, resolve_cpu_linear(mode))
     return model

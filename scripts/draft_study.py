@@ -64,7 +64,8 @@ def run(cfg: DictConfig) -> dict:
 
     # Training: the first ``teacher_shards`` shards of the teacher recipe, the same batches for all.
     tcfg = OmegaConf.merge(cfg.draft.teacher, {"num_prompts": s.teacher_shards * cfg.draft.teacher.shard_prompts})
-    shards = ensure_teacher(target_dir, m.target_model_name, tcfg, repo_path(cfg.data_dir), cache, m.device)
+    shards = ensure_teacher(target_dir, m.target_model_name, tcfg, repo_path(cfg.data_dir), cache, m.device,
+                            cpu_linear=m.cpu_linear)
     data = teacher_data.load_shards(shards)
     recipe = study.recipe_of(s)
     root = study.study_dir(cache, m.target_model_name, recipe, teacher_dir(cache, m.target_model_name, tcfg).name)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_model, tiny_tokenizer
 from models.config import CONFIG_DIR, SpeculativeDecodingConfig, default_config
@@ -64,6 +65,26 @@ def test_generate_cli_and_sweep(tiny_pair_dirs, tmp_path):
     assert "sampled: not compared token by token" in out
     out = run_script("generate.py", "-m", *pair, "decoding.method=tree,target_only", "tree_search=static,dynamic")
     assert out.count("12 new tokens in") == 4
+
+
+def test_bench_kernels_cli(tiny_pair_dirs, tmp_path):
+    """scripts/bench_kernels.py times each kernel on the target's own linear shapes."""
+    out = run_script("bench_kernels.py", f"model.target_model_name={tiny_pair_dirs / 'target'}",
+                     f"output_dir={tmp_path}", "bench_kernels.rows=[1,3]", "bench_kernels.repeats=2",
+                     "bench_kernels.copies=2")
+    result = json.loads(next(tmp_path.glob("bench_kernels-*.json")).read_text())
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair_dirs / "target")
+    shapes = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert {tuple(r["shape"]) for r in result["results"]} == shapes
+    assert {r["kernel"] for r in result["results"]} >= {"mkl"}
+    assert all(set(r["ms"]) == {"1", "3"} and min(r["ms"].values()) > 0 for r in result["results"])
+    assert "rows" in out and "GB/s" in out and result["provenance"]["git"]
+    bad = subprocess.run([sys.executable, "scripts/bench_kernels.py", f"model.target_model_name={tiny_pair_dirs / 'target'}",
+                          f"output_dir={tmp_path}", "bench_kernels.kernels=[fastest]"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "bench_kernels.kernels" in bad.stderr
 
 
 def test_benchmark_cli(tiny_pair_dirs, tmp_path):
@@ -145,6 +166,45 @@ def test_benchmark_variants_run_in_the_same_run(default_config):
     assert all(r["identical"] == 2 for r in rows.values())
     assert rows["pruned"]["nodes_per_step"] <= 2
     assert (decoder.config.tree_search.max_nodes, decoder.config.pruning.strategy) == before
+
+
+def test_benchmark_variants_switch_kernels_and_methods(default_config, monkeypatch):
+    """A variant can run another method (e.g. target_only) and another model.cpu_linear kernel on the
+    same loaded models: the kernel is switched for that run and restored afterwards."""
+    import models.fast_linear as fl
+    from models.errors import ConfigError
+    from training.benchmark import run_benchmark
+    from speculative_decoder import SpeculativeDecoder
+
+    base = "invariant" if fl.resolve_cpu_linear("auto") == "invariant" else "onednn"
+    if base == "onednn" and not fl.onednn_available():
+        pytest.skip("no packed kernel to switch from on this machine")
+    target, draft = tiny_model("llama"), tiny_model("llama", seed=1)
+    fl.set_linear_kernel(target, base)
+    fl.set_linear_kernel(draft, base)
+    seen = []
+    switch = fl.set_linear_kernel
+    monkeypatch.setattr(fl, "set_linear_kernel", lambda m, mode: (seen.append((m, mode)), switch(m, mode))[1])
+    decoder = SpeculativeDecoder.from_models(target, draft, tiny_tokenizer(), default_config)
+    prompts = [{"id": f"p{i}", "prompt": f"w{i + 5} w7"} for i in range(3)]
+    variants = {"target_mkl": {"method": "target_only", "model": {"cpu_linear": "mkl"}},
+                "tree_mkl": {"model": {"cpu_linear": "mkl"}}}
+    out = run_benchmark(decoder, prompts, ["target_only", "tree"], 10, 64, 1, {"do_sample": False},
+                        log=lambda *_: None, variants=variants)
+    rows = out["rows"]
+    assert set(rows) == {"target_only", "tree", "target_mkl", "tree_mkl"}
+    assert all(r["identical"] == 2 for r in rows.values())
+    assert rows["target_mkl"]["tau"] == pytest.approx(1.0)  # ran as the target alone
+    assert (target, "mkl") in seen and (draft, "mkl") in seen and (target, base) in seen  # switched and back
+    assert fl.linear_kernel(target) == base and fl.linear_kernel(draft) == base
+    assert decoder.config.model.cpu_linear == default_config.model.cpu_linear
+    with pytest.raises(ConfigError, match="method must be one of"):
+        run_benchmark(decoder, prompts, ["tree"], 4, 64, 0, {"do_sample": False}, log=lambda *_: None,
+                      variants={"x": {"method": "fastest"}})
+    with pytest.raises(ConfigError, match="only model.cpu_linear"):
+        run_benchmark(decoder, prompts, ["tree"], 4, 64, 0, {"do_sample": False}, log=lambda *_: None,
+                      variants={"x": {"model": {"dtype": "bfloat16"}}})
+    assert fl.linear_kernel(target) == base
 
 
 def test_benchmark_drafts_share_the_target(tiny_pair_dirs, default_config):

@@ -1,5 +1,6 @@
-"""oneDNN's packed fp32 linear layers (model.cpu_linear=onednn): same numbers up to rounding, greedy
-decoding still the target's own tokens, autograd and changed weights fall back / repack."""
+"""Packed fp32 CPU linear kernels (model.cpu_linear = onednn / hybrid / invariant): same numbers up to
+rounding, greedy decoding still the target's own tokens, autograd and changed weights fall back /
+repack. The invariant kernel's own tests: tests/test_invariant_gemm.py."""
 
 import copy
 
@@ -8,36 +9,44 @@ import torch
 
 from conftest import noisy_copy, tiny_model, tiny_tokenizer
 from models.errors import ConfigError
-from models.fast_linear import onednn_available, use_onednn_linears, uses_onednn
+from models import invariant_gemm
+from models.fast_linear import linear_kernel, onednn_available, set_linear_kernel
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
 from test_lossless_greedy import SEARCHES, hf_greedy, make_config, prompts
 
-pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear kernel")
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear kernel")
+KERNELS = [pytest.param("onednn", marks=needs_onednn), pytest.param("hybrid", marks=needs_onednn),
+           pytest.param("invariant", marks=pytest.mark.skipif(not invariant_gemm.available(),
+                                                              reason="no AVX-512 CPU or no C++ compiler here"))]
 
 
 def packed(model, max_rows=None):
     model = copy.deepcopy(model)
-    assert use_onednn_linears(model, max_rows) > 0 and uses_onednn(model) == ("hybrid" if max_rows else "onednn")
+    mode = "hybrid" if max_rows else "onednn"
+    assert set_linear_kernel(model, mode) > 0 and linear_kernel(model) == mode
     return model
 
 
+@needs_onednn
 def test_logits_match_mkl_up_to_rounding():
     target = tiny_model("llama")
     fast = packed(target)
     ids = torch.randint(2, 96, (2, 17))
     with torch.no_grad():
         torch.testing.assert_close(fast(ids).logits, target(ids).logits, atol=1e-4, rtol=1e-5)
-    assert not uses_onednn(target)  # the original is untouched
-    assert use_onednn_linears(fast) == use_onednn_linears(fast)  # idempotent
+    assert not linear_kernel(target)  # the original is untouched
+    assert set_linear_kernel(fast, "onednn") == set_linear_kernel(fast, "onednn")  # idempotent
+    assert set_linear_kernel(target, "mkl") == 0 and not hasattr(target.lm_head, "_treespec_route")  # nothing to undo
 
 
-@pytest.mark.parametrize("rows", [None, 1])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("search", list(SEARCHES))
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
-def test_greedy_with_packed_linears_equals_the_target(arch, search, rows, default_config):
+def test_greedy_with_packed_linears_equals_the_target(arch, search, kernel, default_config):
     target = tiny_model(arch, seed=0)
     target.generation_config.eos_token_id = None
-    fast_target, fast_draft = packed(target, rows), packed(noisy_copy(target, 0.3), rows)
+    fast_target, fast_draft = copy.deepcopy(target), noisy_copy(target, 0.3)
+    assert set_linear_kernel(fast_target, kernel) > 0 and set_linear_kernel(fast_draft, kernel) > 0
     decoder = SpeculativeDecoder.from_models(fast_target, fast_draft, None, make_config(default_config, search))
     for prompt in prompts(3, seed=1):
         want = hf_greedy(target, prompt, 20)  # the plain MKL model, sequential
@@ -46,24 +55,29 @@ def test_greedy_with_packed_linears_equals_the_target(arch, search, rows, defaul
         assert got[0].tolist() == want, (arch, search, prompt)
 
 
-def test_autograd_falls_back_and_changed_weights_are_repacked():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_autograd_falls_back_and_changed_weights_are_repacked(kernel):
     lin = torch.nn.Linear(8, 5)
     fast = copy.deepcopy(lin)
-    use_onednn_linears(fast)
+    set_linear_kernel(fast, kernel)
     x = torch.randn(3, 4, 8, requires_grad=True)
-    y = fast(x)  # grad mode: plain F.linear, differentiable
-    y.sum().backward()
+    fast(x).sum().backward()  # grad mode: plain F.linear, differentiable
     assert fast.weight.grad is not None and x.grad is not None
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), lin(x))
+        for rows in (x, x[:1, :1]):  # several rows and one (hybrid: MKL, then oneDNN)
+            torch.testing.assert_close(fast(rows), lin(rows))
         fast.weight.mul_(2.0)  # changed in place: the packed copy must follow
-        torch.testing.assert_close(fast(x), torch.nn.functional.linear(x, fast.weight, fast.bias))
+        for rows in (x, x[:1, :1]):
+            torch.testing.assert_close(fast(rows), torch.nn.functional.linear(rows, fast.weight, fast.bias))
         fast.weight = torch.nn.Parameter(torch.randn(5, 8))  # replaced
-        torch.testing.assert_close(fast(x), torch.nn.functional.linear(x, fast.weight, fast.bias))
+        for rows in (x, x[:1, :1]):
+            torch.testing.assert_close(fast(rows), torch.nn.functional.linear(rows, fast.weight, fast.bias))
+        assert fast(x[:, :0]).shape == (3, 0, 5)  # no rows
         bf = fast.to(torch.bfloat16)  # not fp32: plain path
         assert bf(x.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
+@needs_onednn
 def test_config_key_and_loading(tmp_path):
     with pytest.raises(ConfigError, match="model.cpu_linear"):
         SpeculativeDecodingConfig.from_overrides(["model.cpu_linear=fast"])
@@ -78,12 +92,12 @@ def test_config_key_and_loading(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "t")
     tiny_tokenizer().save_pretrained(tmp_path / "t")
     model = load_model(tmp_path / "t", cpu_linear="onednn")
-    assert uses_onednn(model) and not uses_onednn(load_model(tmp_path / "t"))
+    assert linear_kernel(model) and not linear_kernel(load_model(tmp_path / "t"))
     fast = SpeculativeDecoder.from_models(model, None, None, SpeculativeDecodingConfig.from_overrides(
         ["decoding.method=target_only"]))
     assert cost_key(fast)["cpu_linear"] == "onednn"
     hybrid = load_model(tmp_path / "t", cpu_linear="hybrid")
-    assert uses_onednn(hybrid) == "hybrid"
+    assert linear_kernel(hybrid) == "hybrid"
     ids = torch.randint(2, 96, (1, 9))
     with torch.no_grad():  # one row through oneDNN, several through MKL: both equal the plain model's
         torch.testing.assert_close(hybrid(ids[:, :1]).logits, model(ids[:, :1]).logits, atol=1e-4, rtol=1e-5)

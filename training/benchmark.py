@@ -333,6 +333,11 @@ def run_benchmark(decoder: SpeculativeDecoder, prompts: list[dict], methods: lis
     {method: aggregate}}, "per_prompt": [record], "skipped": [ids], "warmup": [ids], "memory": {...}}
     with speedups filled in."""
     variants, decoders = dict(variants or {}), dict(decoders or {})
+    for name, spec in variants.items():
+        run_as = dict(spec).get("method", "tree")
+        if run_as not in TREESPEC_METHODS + HF_METHODS:
+            raise ConfigError(f"benchmark.variants.{name}.method must be one of {TREESPEC_METHODS + HF_METHODS}, "
+                              f"got {run_as!r}")
     methods = list(methods) + [v for v in list(variants) + list(decoders) if v not in methods]
     unknown = set(methods) - set(TREESPEC_METHODS) - set(HF_METHODS) - set(variants) - set(decoders)
     if unknown:
@@ -386,8 +391,10 @@ def _run_one(decoder: SpeculativeDecoder, method: str, ids: torch.Tensor, max_ne
     if decoders and method in decoders:
         return _run_one(decoders[method], "tree", ids, max_new, decoding, seed)
     if variants and method in variants:
-        with variant_config(decoder, variants[method]):
-            return _run_one(decoder, "tree", ids, max_new, decoding, seed)
+        changes = dict(variants[method])
+        run_as = changes.pop("method", "tree")
+        with variant_config(decoder, changes):
+            return _run_one(decoder, run_as, ids, max_new, decoding, seed, assistant=assistant)
     sample = bool(decoding.get("do_sample")) and decoding.get("temperature", 1.0) > 0
     if method in TREESPEC_METHODS:
         t0 = time.perf_counter()
@@ -429,18 +436,34 @@ def draft_decoders(decoder: SpeculativeDecoder, drafts: dict | None, taken: list
 
 @contextmanager
 def variant_config(decoder: SpeculativeDecoder, changes: dict):
-    """Temporarily replace fields of the decoder's config groups (validated at generate)."""
-    saved = {}
+    """Temporarily replace fields of the decoder's config groups (validated at generate). In the
+    ``model`` group only ``cpu_linear`` can change (the models are loaded once): the target's and the
+    draft's linears are switched to that kernel and back afterwards."""
+    from models.fast_linear import linear_kernel, resolve_cpu_linear, set_linear_kernel
+
+    saved, kernels = {}, []
     try:
         for group, values in changes.items():
             if not hasattr(decoder.config, group):
                 raise ValueError(f"benchmark variant changes unknown config group {group!r}")
+            values = dict(values)
+            if group == "model":
+                if set(values) - {"cpu_linear"}:
+                    raise ConfigError(f"a benchmark variant can change only model.cpu_linear (the models are "
+                                      f"loaded once), not {sorted(set(values) - {'cpu_linear'})}")
+                mode = resolve_cpu_linear(values["cpu_linear"])
+                for module in (decoder.target_model, getattr(decoder.drafter, "identity_module", None)):
+                    if isinstance(module, torch.nn.Module):
+                        kernels.append((module, linear_kernel(module) or "mkl"))
+                        set_linear_kernel(module, mode)
             saved[group] = getattr(decoder.config, group)
-            setattr(decoder.config, group, dataclasses.replace(saved[group], **dict(values)))
+            setattr(decoder.config, group, dataclasses.replace(saved[group], **values))
         yield
     finally:
         for group, old in saved.items():
             setattr(decoder.config, group, old)
+        for module, mode in reversed(kernels):
+            set_linear_kernel(module, mode)
 
 
 def format_table(rows: dict) -> str:

@@ -102,7 +102,7 @@ def eval_continuations(cfg, feature_layers=None) -> tuple[dict, list[str]]:
                                  max_prompt_tokens=e.max_prompt_tokens, top_k=4, dtype="float32", seed=e.seed,
                                  feature_layers=list(feature_layers) if feature_layers else None))
     shards = ensure_teacher(target_dir, m.target_model_name, tcfg, repo_path(cfg.data_dir), cache_root(m.cache_dir),
-                            m.device, prefix="evalset", forbid=())
+                            m.device, prefix="evalset", forbid=(), cpu_linear=m.cpu_linear)
     data = teacher_data.load_shards(shards)
     rows = read_jsonl(repo_path(cfg.data_dir) / e.prompt_file, ("id", "prompt"), hint="data_dir, eval_draft.prompt_file")
     category = {r["id"]: r.get("category", "") for r in rows}

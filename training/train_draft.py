@@ -39,8 +39,11 @@ def teacher_dir(root: Path, target_name: str, tcfg, prefix: str = "teacher") -> 
 
 
 def ensure_teacher(target_dir: Path, target_name: str, tcfg, data_dir: Path, cache: Path, device: str = "cpu",
-                   prefix: str = "teacher", forbid=EVAL_SETS, progress: bool = True) -> list[Path]:
-    """All teacher shards of ``tcfg`` (made where missing)."""
+                   prefix: str = "teacher", forbid=EVAL_SETS, progress: bool = True,
+                   cpu_linear: str = "auto") -> list[Path]:
+    """All teacher shards of ``tcfg`` (made where missing). ``cpu_linear``: the target's fp32 CPU
+    linear kernel while it answers (``model.cpu_linear``; only float rounding differs between kernels,
+    so it is not part of the folder's key)."""
     out = teacher_dir(cache, target_name, tcfg, prefix)
     prompts = teacher_data.read_prompts(data_dir, list(tcfg.files), tcfg.seed, forbid=forbid)
     prompts = prompts[:tcfg.num_prompts]
@@ -50,7 +53,7 @@ def ensure_teacher(target_dir: Path, target_name: str, tcfg, data_dir: Path, cac
         return paths
     from speculative_decoder import load_model, load_tokenizer
 
-    model, tok = load_model(target_dir, device, tcfg.dtype), load_tokenizer(target_dir)
+    model, tok = load_model(target_dir, device, tcfg.dtype, cpu_linear=cpu_linear), load_tokenizer(target_dir)
     log.info("teacher data -> %s (%d prompts, %d shards)", out, len(prompts), n)
     return teacher_data.build_shards(model, tok, prompts, out, tcfg,
                                      {"target": target_name, "dtype": tcfg.dtype}, progress=progress)
@@ -69,7 +72,7 @@ def train_draft(cfg, tracker=None) -> Path:
     target_dir = resolve_model_path(cfg.model.target_model_name, cfg.model.cache_dir, cfg.data_dir)
     t0 = time.time()
     shards = ensure_teacher(target_dir, cfg.model.target_model_name, dcfg.teacher, repo_path(cfg.data_dir), cache,
-                            cfg.model.device)
+                            cfg.model.device, cpu_linear=cfg.model.cpu_linear)
     teacher_s = time.time() - t0
     data = teacher_data.load_shards(shards)
     from training.eagle_draft import train_eagle
