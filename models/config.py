@@ -43,7 +43,7 @@ class ModelConfig:
     attn_implementation: Optional[str]
     cache_dir: Optional[str]
     data_dir: str  # prompt sets; the demo draft is distilled on its train-only files
-    cpu_linear: str = "auto"  # fp32 CPU linear kernels: auto | invariant | hybrid | mkl | onednn (models/fast_linear.py)
+    cpu_linear: str = "auto"  # CPU linear kernels: auto | invariant | hybrid | mkl | onednn (models/fast_linear.py)
 
     def __post_init__(self):
         _check(bool(self.target_model_name), "model.target_model_name", self.target_model_name, "must be a local path or 'demo:target'")

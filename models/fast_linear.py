@@ -39,10 +39,15 @@ def onednn_available() -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def _plain(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """True when the product must take torch's own path (autograd, not fp32 on the CPU, no rows)."""
-    return (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) or x.dtype != torch.float32 \
-        or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu" or x.numel() == 0
+def _plain(x: torch.Tensor, w: torch.Tensor, route: str | None) -> bool:
+    """True when the product must take torch's own path: MKL route, autograd, not on the CPU, no rows,
+    or a dtype the route's kernel lacks (oneDNN: fp32; invariant: fp32, and bf16 on AVX512_BF16 CPUs)."""
+    if route is None or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) \
+            or x.device.type != "cpu" or w.device.type != "cpu" or x.numel() == 0 or x.dtype != w.dtype:
+        return True
+    if route == "invariant":
+        return not invariant_gemm.supports(x.dtype)
+    return x.dtype != torch.float32
 
 
 def _packed(owner, slot: str, w: torch.Tensor, pack):
@@ -61,7 +66,7 @@ def _onednn_pack(w: torch.Tensor) -> torch.Tensor:
 
 def _routed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     route, w = self._treespec_route, self.weight
-    if route is None or _plain(x, w):
+    if _plain(x, w, route):
         return F.linear(x, w, self.bias)
     if route == "invariant":
         return invariant_gemm.linear(x, _packed(self, "_treespec_invariant", w, invariant_gemm.pack), w.shape[0],
@@ -80,13 +85,14 @@ def frozen_linear(owner: torch.nn.Module, name: str, x: torch.Tensor) -> torch.T
     lm_head; the owner's class lists it in ``_treespec_frozen_weights``): on treespec's kernel when the
     owner's linears are routed there, else a plain matmul."""
     w = getattr(owner, name)
-    if getattr(owner, "_treespec_route", None) != "invariant" or _plain(x, w):
+    route = getattr(owner, "_treespec_route", None)
+    if route != "invariant" or _plain(x, w, route):
         return x @ w.to(x.dtype).t()
     return invariant_gemm.linear(x, _packed(owner, f"_treespec_frozen_{name}", w, invariant_gemm.pack), w.shape[0])
 
 
 def set_linear_kernel(model: torch.nn.Module, mode: str) -> int:
-    """Route every fp32 CPU ``nn.Linear`` of ``model`` (and frozen weights of modules that declare
+    """Route every CPU ``nn.Linear`` of ``model`` (fp32; with ``invariant`` also bf16) (and frozen weights of modules that declare
     ``_treespec_frozen_weights``) to ``mode`` (``invariant`` | ``hybrid`` | ``onednn`` | ``mkl``, already
     resolved); returns how many linears. Switching back and forth is cheap: packed copies are kept.
     Raises ``invariant_gemm.KernelUnavailable`` for ``invariant`` where it cannot run; oneDNN modes are
@@ -98,7 +104,7 @@ def set_linear_kernel(model: torch.nn.Module, mode: str) -> int:
     route = None if mode == "mkl" else mode
     count = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32 \
+        if type(module) is torch.nn.Linear and module.weight.dtype in invariant_gemm.DTYPES \
                 and module.weight.device.type == "cpu":
             if not hasattr(module, "_treespec_route"):
                 if route is None:

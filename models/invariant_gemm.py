@@ -18,6 +18,7 @@ one-token decoding gives.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -28,7 +29,10 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "invariant_gemm.cpp"
-FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# AVX-512 F/VL/BW/DQ (every AVX-512 CPU since Skylake-SP) and BF16 (the bf16 functions run only where
+# the CPU has it: cpu_has_avx512_bf16)
+FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx512bf16", "-mfma",
+         "-fopenmp", "-shared", "-fPIC")
 
 _lock = threading.Lock()
 _lib = None
@@ -39,17 +43,32 @@ class KernelUnavailable(RuntimeError):
     """The kernel cannot run here (no AVX-512, no C++ compiler, or the build failed)."""
 
 
-def cpu_has_avx512() -> bool:
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
     try:
-        if "AVX512" in str(torch.backends.cpu.get_cpu_capability()).upper():
-            return True
-    except Exception:  # noqa: BLE001 - older torch
-        pass
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_avx512() -> bool:
+    """AVX-512 F/VL/BW/DQ + FMA (torch's own "AVX512" capability level means the same)."""
+    flags = _cpu_flags()
+    if flags:
+        return {"avx512f", "avx512vl", "avx512bw", "avx512dq", "fma"} <= flags
+    try:
+        return "AVX512" in str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # noqa: BLE001 - older torch, no /proc
         return False
-    return " avx512f" in flags and " fma" in flags
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_avx512_bf16() -> bool:
+    """The bf16 kernels' VDPBF16PS / VCVTNEPS2BF16 (AVX512_BF16: Cooper Lake, Sapphire Rapids, Zen 4+)."""
+    return cpu_has_avx512() and "avx512_bf16" in _cpu_flags()
 
 
 def compiler() -> str | None:
@@ -124,6 +143,16 @@ def load(cache_dir=None):
         lib.treespec_pack.restype = ctypes.c_int
         lib.treespec_packed_floats.argtypes = [n, n]
         lib.treespec_packed_floats.restype = n
+        lib.treespec_linear_bf16.argtypes = [ptr, n, n, ptr, n, ptr, ptr, ptr, ctypes.c_int]
+        lib.treespec_linear_bf16.restype = ctypes.c_int
+        lib.treespec_pack_bf16.argtypes = [ptr, n, n, ptr]
+        lib.treespec_pack_bf16.restype = ctypes.c_int
+        lib.treespec_packed_bf16.argtypes = [n, n]
+        lib.treespec_packed_bf16.restype = n
+        for name in ("treespec_attention_f32", "treespec_attention_bf16"):
+            fn = getattr(lib, name)
+            fn.argtypes = [ptr, n, n, ptr, n, n, ptr, n, n, ptr, n, ptr, n, n, n, n, n, ctypes.c_float, ctypes.c_int]
+            fn.restype = ctypes.c_int
         _lib = lib
         return lib
 
@@ -136,26 +165,76 @@ def available(cache_dir=None) -> bool:
         return False
 
 
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def supports(dtype: torch.dtype) -> bool:
+    """Whether the kernels run ``dtype`` on this CPU (fp32: AVX-512; bf16: also AVX512_BF16)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_avx512_bf16())
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [N, K] fp32 -> the kernel's panel layout (a new 1-D tensor)."""
+    """``weight`` [N, K] (fp32 or bf16) -> the kernel's panel layout (a new 1-D tensor, same dtype)."""
     lib = load()
     w = weight.detach().contiguous()
     n, k = w.shape
+    if w.dtype == torch.bfloat16:
+        out = torch.empty(lib.treespec_packed_bf16(n, k), dtype=torch.bfloat16)
+        lib.treespec_pack_bf16(w.data_ptr(), n, k, out.data_ptr())
+        return out
+    if w.dtype != torch.float32:
+        raise TypeError(f"the invariant kernel packs fp32 or bf16 weights, not {w.dtype}")
     out = torch.empty(lib.treespec_packed_floats(n, k), dtype=torch.float32)
     lib.treespec_pack(w.data_ptr(), n, k, out.data_ptr())
     return out
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` for fp32 CPU tensors, ``packed = pack(W)``; any leading dimensions."""
+    """``x @ W.T + bias`` for CPU tensors of ``packed``'s dtype, ``packed = pack(W)``; any leading
+    dimensions. bf16: fp32 accumulation, rounded to bf16 once per output (``supports(torch.bfloat16)``)."""
     lib = _lib if _lib is not None else load()
     shape = x.shape
     k = shape[-1]
     rows = x.reshape(-1, k)
     if not rows.is_contiguous():
         rows = rows.contiguous()
-    y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
-    b = None if bias is None else bias.detach().contiguous()
-    lib.treespec_linear(rows.data_ptr(), rows.shape[0], k, packed.data_ptr(), out_features,
-                        None if b is None else b.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    m = rows.shape[0]
+    y = torch.empty(m, out_features, dtype=x.dtype)
+    b = None if bias is None else bias.detach().to(x.dtype).contiguous()
+    bptr = None if b is None else b.data_ptr()
+    if x.dtype == torch.bfloat16:
+        pairs = torch.empty(max(1, m * ((k + 1) // 2)), dtype=torch.int32)
+        lib.treespec_linear_bf16(rows.data_ptr(), m, k, packed.data_ptr(), out_features, bptr, y.data_ptr(),
+                                 pairs.data_ptr(), torch.get_num_threads())
+    else:
+        lib.treespec_linear(rows.data_ptr(), m, k, packed.data_ptr(), out_features, bptr, y.data_ptr(),
+                            torch.get_num_threads())
     return y.reshape(*shape[:-1], out_features)
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """Batch-invariant attention for one sequence: ``query`` [H, N, D], ``key``/``value`` [KVH, L, D]
+    (D contiguous, a multiple of 16, at most 256; H a multiple of KVH), ``mask`` None (causal: query i
+    at position L - N + i) or an additive fp32 [N, L] (<= -1e30: not visible). Returns [N, H, D].
+    Each row's result is bitwise independent of the other queries and of masked-out keys."""
+    lib = _lib if _lib is not None else load()
+    h, n, d = query.shape
+    kvh, length, _ = key.shape
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"attention: {name}'s last dimension must be contiguous")
+    out = torch.empty(n, h, d, dtype=query.dtype)
+    mptr, msn = None, 0
+    if mask is not None:
+        mask = mask.to(torch.float32)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        mptr, msn = mask.data_ptr(), mask.stride(0)
+    fn = lib.treespec_attention_bf16 if query.dtype == torch.bfloat16 else lib.treespec_attention_f32
+    rc = fn(query.data_ptr(), query.stride(0), query.stride(1), key.data_ptr(), key.stride(0), key.stride(1),
+            value.data_ptr(), value.stride(0), value.stride(1), mptr, msn, out.data_ptr(), h, kvh, n, length, d,
+            float(scale), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"attention: unsupported shape (heads {h}, kv heads {kvh}, head dim {d})")
+    return out

@@ -7,6 +7,8 @@ names resolve through ``models.demo_pair`` (which converts the demo target once 
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 import torch
@@ -16,6 +18,8 @@ from models.errors import ConfigError, ModelLoadError, VocabularyMismatchError
 
 __all__ = ["resolve_model_path", "resolve_checkpoint", "load_model", "load_draft", "load_tokenizer", "check_device", "module_device",
            "check_same_vocabulary", "context_length", "eos_token_ids"]
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model_path(name: str, cache_dir: str | None = None, data_dir: str | None = None) -> Path:
@@ -72,14 +76,24 @@ def resolve_checkpoint(name: str, kind: str, draft_name: str | None) -> Path:
 
 def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32", attn_implementation: str | None = "sdpa",
                cpu_linear: str = "mkl"):
-    """An HF causal LM in eval mode on ``device``; ``cpu_linear`` ``onednn`` / ``hybrid`` route its fp32 CPU
-    linear layers (all products / one-row products) through oneDNN's packed kernel (``models.fast_linear``)."""
+    """An HF causal LM in eval mode on ``device``. ``cpu_linear`` routes its CPU linear layers to a kernel
+    (``models.fast_linear``); ``attn_implementation`` is transformers' (``sdpa``, ``eager``, ...) or
+    ``invariant``: treespec's batch-invariant attention (``models/invariant_attention.py``; an
+    architecture that cannot take it is loaded with ``sdpa``, logged)."""
     from transformers import AutoModelForCausalLM
 
+    requested = attn_implementation
+    if attn_implementation == "invariant":  # treespec's batch-invariant attention (models/invariant_attention.py)
+        from models.invariant_attention import register
+
+        attn_implementation = register()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), local_files_only=True,
                                                      attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:
+        if requested == "invariant" and "attn" in str(e).lower():  # an architecture without the attention interface
+            log.warning("%s cannot use the invariant attention (%s); loading it with sdpa", path, e)
+            return load_model(path, device, dtype, "sdpa", cpu_linear)
         raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from None
     from models.fast_linear import apply_cpu_linear
 

@@ -75,3 +75,35 @@ def test_missing_shipped_head_says_how_to_remake_it(tmp_path, monkeypatch):
     monkeypatch.setitem(demo_pair.SHIPPED_DRAFTS, "demo:draft-more", (tmp_path / "gone", "python remake.py"))
     with pytest.raises(ModelLoadError, match="demo:draft-more.*python remake.py"):
         resolve_model_path("demo:draft-more")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_demo_target_logits_over_several_tokens_are_bitwise_those_of_one_at_a_time(dtype):
+    """With the invariant linear kernel and attention the demo target's logits for 8 new tokens in one
+    forward equal those of 8 one-token forwards bit for bit; with SDPA and torch's GEMM they do not
+    (the reason reduced-precision speculative decoding could drift from the target alone)."""
+    from transformers import DynamicCache
+
+    from models import invariant_gemm
+
+    if not invariant_gemm.available() or not invariant_gemm.supports(getattr(torch, dtype)):
+        pytest.skip("the invariant kernels cannot run this dtype here")
+    path = ensure_demo_target()
+    torch.manual_seed(0)
+    prefix, new = torch.randint(100, 20000, (1, 120)), torch.randint(100, 20000, (1, 8))
+
+    def logits(model, chunks):
+        cache = DynamicCache(config=model.config)
+        out, start = [], 0
+        with torch.no_grad():
+            model(prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for c in chunks:
+                out.append(model(new[:, start:start + c], past_key_values=cache, use_cache=True).logits[0])
+                start += c
+        return torch.cat(out)
+
+    exact = load_model(path, dtype=dtype, attn_implementation="invariant", cpu_linear="invariant")
+    one = logits(exact, [1] * 8)
+    assert torch.equal(logits(exact, [8]), one) and torch.equal(logits(exact, [3, 5]), one)
+    plain = load_model(path, dtype=dtype, attn_implementation="sdpa", cpu_linear="mkl")
+    assert not torch.equal(logits(plain, [8]), logits(plain, [1] * 8))  # the control: this test can fail

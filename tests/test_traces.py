@@ -267,3 +267,14 @@ def test_split_of_real_traces(shards):
     train, val = split_by_prompt(full["prompt"], (0.5, 0.5), seed=0)
     assert not set(full["prompt"][train].tolist()) & set(full["prompt"][val].tolist())
     assert bool((train ^ val).all())
+
+
+def test_a_shard_without_drafted_nodes_keeps_its_dtypes():
+    """A shard whose trees had no drafted node (e.g. everything pruned) still loads with integer
+    indices, and the alignment pipeline's prompt lookup works on it (it used to crash on float)."""
+    from training.learned_core import pair_prompts
+
+    empty = TraceRecorder().tensors()
+    assert empty["parent_pair"].dtype == empty["prompt"].dtype == empty["token"].dtype == torch.long
+    assert empty["features"].dim() == 2 and empty["label"].is_floating_point()
+    assert pair_prompts(empty).numel() == 0

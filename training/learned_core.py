@@ -66,6 +66,9 @@ def run_train_alignment(cfg, tracker) -> tuple[Path, dict]:
     target = load_target_for(cfg, meta)
     lm_head = target.get_output_embeddings().weight.detach()
     x, y = traces["h_draft"].float(), traces["h_target"].float()
+    if len(x) < 3:
+        raise ConfigError(f"the traces in {a.traces} hold {len(x)} alignment pairs (verified drafted nodes); an "
+                          "alignment needs more: collect traces on more prompts (collect_traces.num_prompts)")
     train, val, test = split_by_prompt(pair_prompts(traces), (1 - a.val_fraction - a.test_fraction, a.val_fraction,
                                                               a.test_fraction), int(a.seed))
     log.info("alignment pairs: %d train, %d val, %d test (Hd=%d, Ht=%d)", int(train.sum()), int(val.sum()),

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 
 TRACE_VERSION = 1
 _NODE_KEYS = ("features", "label", "accepted", "token", "parent_pair", "prompt")
+# a shard whose trees had no drafted node keeps every key's dtype (indices stay integer)
+_EMPTY_NODES = {"features": lambda: torch.zeros(0, len(FEATURE_NAMES)), "label": lambda: torch.zeros(0),
+                "accepted": lambda: torch.zeros(0, dtype=torch.uint8), "token": lambda: torch.zeros(0, dtype=torch.long),
+                "parent_pair": lambda: torch.zeros(0, dtype=torch.long), "prompt": lambda: torch.zeros(0, dtype=torch.long)}
 _PAIR_KEYS = ("h_draft", "h_target", "target_next", "draft_next")
 
 
@@ -104,7 +108,7 @@ class TraceRecorder:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         r = self.rows
-        out = {k: torch.cat(r[k]) if r[k] else torch.zeros(0) for k in _NODE_KEYS}
+        out = {k: torch.cat(r[k]) if r[k] else _EMPTY_NODES[k]() for k in _NODE_KEYS}
         if r["h_draft"]:
             out["h_draft"], out["h_target"] = torch.stack(r["h_draft"]), torch.stack(r["h_target"])
         else:
@@ -265,12 +269,14 @@ def run_collect(cfg, tracker=None) -> Path:
 
     t = cfg.collect_traces
     merged = OmegaConf.merge(cfg, {"tree_search": OmegaConf.to_container(t.tree_search),
-                                   "decoding": {"method": "tree", **OmegaConf.to_container(t.decoding)}})
+                                   "decoding": {"method": "tree", **OmegaConf.to_container(t.decoding)},
+                                   "pruning": OmegaConf.to_container(t.get("pruning") or {"strategy": "none"})})
     decoder = SpeculativeDecoder(SpeculativeDecodingConfig.from_hydra(merged))
     settings = {"files": list(t.files), "seed": int(t.seed), "max_new_tokens": int(t.max_new_tokens),
                 "max_prompt_tokens": int(t.max_prompt_tokens), "shard_prompts": int(t.shard_prompts),
                 "num_prompts": int(t.num_prompts), "tree_search": OmegaConf.to_container(merged.tree_search),
-                "decoding": OmegaConf.to_container(merged.decoding), "model": OmegaConf.to_container(merged.model)}
+                "decoding": OmegaConf.to_container(merged.decoding), "model": OmegaConf.to_container(merged.model),
+                "pruning": OmegaConf.to_container(merged.pruning)}
     if t.out_dir:
         out_dir = repo_path(t.out_dir)
     else:
