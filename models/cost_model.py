@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["CostModel", "interpolate"]
+__all__ = ["CostModel", "interpolate", "monotone"]
 
 
 def interpolate(points: dict[int, float], x: float) -> float:
@@ -53,6 +53,27 @@ def interpolate(points: dict[int, float], x: float) -> float:
     if x > xs[-1]:
         y = max(y, float(points[xs[-1]]))
     return max(y, 0.0)
+
+
+def monotone(points: dict[int, float]) -> dict[int, float]:
+    """The least-squares non-decreasing fit of ``points`` (pool adjacent violators): verifying more
+    tokens never costs less, so a measured point above a later one is noise (a slow spell of the
+    machine) and both are pooled to their mean instead of telling the policy that, say, 4 nodes cost
+    more than 12."""
+    xs = sorted(points)
+    blocks: list[list[float]] = []  # [sum, count] per pooled block, left to right
+    for x in xs:
+        blocks.append([float(points[x]), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    out, i = {}, 0
+    for total, count in blocks:
+        for _ in range(int(count)):
+            out[xs[i]] = total / count
+            i += 1
+    return out
 
 
 def _int_keys(d: dict, name: str) -> dict[int, float]:
@@ -81,6 +102,7 @@ class CostModel:
         self.draft_ms = _int_keys(self.draft_ms, "draft_ms")
         if not self.verify_ms:
             raise ValueError("a CostModel needs at least one verify_ms point")
+        self._verify_fit = monotone(self.verify_ms)
 
     @classmethod
     def synthetic(cls, verify: dict, draft: dict | None = None, **meta) -> "CostModel":
@@ -89,8 +111,9 @@ class CostModel:
 
     # ------------------------------------------------------------------ queries
     def verify(self, n: float) -> float:
-        """ms of one target forward over ``n`` tokens (tree nodes including the root)."""
-        return interpolate(self.verify_ms, n)
+        """ms of one target forward over ``n`` tokens (tree nodes including the root), from the
+        measured points made non-decreasing in ``n`` (``monotone``)."""
+        return interpolate(self._verify_fit, n)
 
     def draft(self, width: float) -> float:
         """ms of one draft level over a frontier of ``width`` nodes (0 when no draft was profiled)."""
@@ -131,10 +154,12 @@ class CostModel:
     # ------------------------------------------------------------------ display
     def table(self) -> str:
         """Both curves as a printable table, each with its ratio to the smallest size (N = 1, F = 1)."""
-        lines = ["verify (target forward over N tokens, root included)", f"{'N':>6} {'ms':>10} {'x N=1':>8}"]
+        lines = ["verify (target forward over N tokens, root included; 'used' = the non-decreasing fit the "
+                 "policy reads)", f"{'N':>6} {'ms':>10} {'used':>10} {'x N=1':>8}"]
         v1 = self.verify(1)
         for n, ms in self.verify_ms.items():
-            lines.append(f"{n:>6} {ms:>10.3f} {ms / v1 if v1 > 0 else float('nan'):>8.2f}")
+            used = self._verify_fit[n]
+            lines.append(f"{n:>6} {ms:>10.3f} {used:>10.3f} {used / v1 if v1 > 0 else float('nan'):>8.2f}")
         lines += ["", "draft (one level over a frontier of F nodes)", f"{'F':>6} {'ms':>10} {'x F=1':>8}"]
         if not self.draft_ms:
             lines.append(f"{'-':>6} {'-':>10} {'-':>8}")

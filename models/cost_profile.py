@@ -202,14 +202,18 @@ def profile_costs(decoder, node_counts: Sequence[int] = NODE_COUNTS, widths: Seq
     hidden = target_features(drafter, out)  # [context, F]: what the drafter reads (None: nothing)
     del out
 
-    samples: dict[str, dict[int, list[float]]] = {"verify": {}, "draft": {}}
-    for n in node_counts:
-        tree = random_tree(n, vocab, g)
-        samples["verify"][n] = _time_ms(
-            lambda: decoder._target_tree_forward(tree, context, cache, want_hidden),
-            setup=lambda: None, cleanup=lambda: keep_tokens(cache, context, []),
-            repeats=repeats, warmup=warmup, device=device)
-        assert cache_length(cache) == context
+    samples: dict[str, dict[int, list[float]]] = {"verify": {n: [] for n in node_counts}, "draft": {}}
+    trees = {n: random_tree(n, vocab, g) for n in node_counts}
+    # Round-robin over the sizes (warm-up rounds first): a slow spell of a shared machine then hits
+    # every size alike instead of inflating one point of the curve, which would mislead the policy.
+    for r in range(warmup + repeats):
+        for n in node_counts:
+            t = _time_ms(lambda: decoder._target_tree_forward(trees[n], context, cache, want_hidden),
+                         setup=lambda: None, cleanup=lambda: keep_tokens(cache, context, []),
+                         repeats=1, warmup=0, device=device)
+            if r >= warmup:
+                samples["verify"][n] += t
+            assert cache_length(cache) == context
     del cache
 
     root = int(ids[0, context])

@@ -212,3 +212,17 @@ def test_profile_costs_script(tiny_target, tmp_path, capsys):
     assert script.verify_ratio(model) > 0
     again, _ = script.run(cfg)
     assert "reused" in capsys.readouterr().out and again == model
+
+
+def test_a_noisy_verify_curve_is_made_monotone_for_the_policy():
+    """A slow spell while one size was timed must not make 4 nodes look dearer than 12 (the
+    session-7 quickstart profile: 30.7, 36.3, 53.0, 47.0 ms for 1, 2, 4, 12 nodes)."""
+    from models.cost_model import monotone
+
+    noisy = CostModel.synthetic(verify={1: 30.7, 2: 36.3, 4: 53.0, 12: 47.0, 16: 68.8})
+    assert noisy.verify_ms[4] == 53.0  # the measurement is kept as measured
+    fit = [noisy.verify(n) for n in (1, 2, 4, 8, 12, 16)]
+    assert fit == sorted(fit) and noisy.verify(4) == pytest.approx(50.0) == noisy.verify(12)
+    assert monotone({1: 1.0, 2: 2.0, 3: 3.0}) == {1: 1.0, 2: 2.0, 3: 3.0}  # already monotone: unchanged
+    assert monotone({1: 3.0, 2: 2.0, 3: 1.0}) == {1: 2.0, 2: 2.0, 3: 2.0}
+    assert "used" in noisy.table() and "53.000" in noisy.table()
