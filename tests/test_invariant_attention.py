@@ -109,6 +109,13 @@ def test_several_new_tokens_give_bitwise_the_logits_of_one_at_a_time(arch, dtype
     one = run([1] * 7)
     assert torch.equal(run([7]), one) and torch.equal(run([3, 4]), one)
     assert calls and set(calls) >= {1, 3, 4, 7}  # the kernel ran (not the SDPA fallback)
+    if dtype == torch.float32:  # and it computes the model's attention (causal, sliding window for mistral)
+        reference = copy.deepcopy(model)
+        reference.set_attn_implementation("sdpa")
+        set_linear_kernel(reference, "mkl")
+        model = reference
+        torch.testing.assert_close(one, run([1] * 7), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(one, run([7]), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("search", list(SEARCHES))
