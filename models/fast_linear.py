@@ -1,4 +1,4 @@
-"""Which kernel runs a model's fp32 CPU linear layers (``model.cpu_linear``).
+"""Which kernel runs a model's CPU linear layers (``model.cpu_linear``; fp32, and bf16 with ``invariant``).
 
 - ``invariant``: treespec's own batch-invariant AVX-512 kernel (``models/invariant_gemm.py``): on the
   2-core AMD EPYC test machine the demo target's forward after 200 cached tokens takes 26 ms for 1
@@ -92,9 +92,9 @@ def frozen_linear(owner: torch.nn.Module, name: str, x: torch.Tensor) -> torch.T
 
 
 def set_linear_kernel(model: torch.nn.Module, mode: str) -> int:
-    """Route every CPU ``nn.Linear`` of ``model`` (fp32; with ``invariant`` also bf16) (and frozen weights of modules that declare
-    ``_treespec_frozen_weights``) to ``mode`` (``invariant`` | ``hybrid`` | ``onednn`` | ``mkl``, already
-    resolved); returns how many linears. Switching back and forth is cheap: packed copies are kept.
+    """Route every CPU ``nn.Linear`` of ``model`` (fp32; with ``invariant`` also bf16), and the frozen
+    weights of modules that declare ``_treespec_frozen_weights``, to ``mode`` (``invariant`` |
+    ``hybrid`` | ``onednn`` | ``mkl``, already resolved); returns how many linears. Switching back and forth is cheap: packed copies are kept.
     Raises ``invariant_gemm.KernelUnavailable`` for ``invariant`` where it cannot run; oneDNN modes are
     a no-op (0) on a torch build without oneDNN's linear kernel."""
     if mode == "invariant":

@@ -24,12 +24,13 @@ from models import invariant_gemm
 NAME = "treespec_invariant"  # the attn_implementation transformers sees
 MAX_QUERIES = 64  # longer forwards (prefill) use SDPA: same for every decoding method, so no invariance needed
 _registered = False
+_EAGER_ONLY = ("softcap", "s_aux", "sinks")  # attention features SDPA and the kernel lack: the model's eager path
 
 
 def _fallback(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA; the model's own eager attention where SDPA cannot serve (soft-capping,
     attention sinks: Gemma 2, gpt-oss), with SDPA's boolean mask turned additive for it."""
-    if any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sinks")):
+    if any(kwargs.get(k) is not None for k in _EAGER_ONLY):
         eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if eager is not None:
             n, length = query.shape[2], key.shape[2]
@@ -68,8 +69,7 @@ def invariant_attention_forward(module, query, key, value, attention_mask, dropo
               and invariant_gemm.supports(query.dtype) and key.dtype == query.dtype and value.dtype == query.dtype
               and d % 16 == 0 and d <= 256 and value.shape[-1] == d and query.shape[1] % key.shape[1] == 0
               and not (module.training and dropout) and not torch.is_grad_enabled()
-              and kwargs.get("softcap") is None and kwargs.get("s_aux") is None and kwargs.get("sinks") is None
-              and kwargs.get("position_bias") is None and not kwargs.get("output_attentions", False)
+              and all(kwargs.get(k) is None for k in _EAGER_ONLY + ("position_bias",)) and not kwargs.get("output_attentions", False)
               and invariant_gemm.available())
     rows = _mask_rows(attention_mask, n, key.shape[2]) if usable else False
     if rows is False:

@@ -1,4 +1,5 @@
-"""treespec's batch-invariant fp32 linear kernel for AVX-512 CPUs (``model.cpu_linear=invariant``).
+"""treespec's batch-invariant kernels for AVX-512 CPUs: linear layers in fp32 and bf16
+(``model.cpu_linear=invariant``) and decode-time attention (``models/invariant_attention.py``).
 
 The C++ source (``models/csrc/invariant_gemm.cpp``, no torch headers) is compiled on first use with
 the system C++ compiler (``$CXX``, else ``g++`` / ``c++``) into ``$TREESPEC_CACHE/kernels/`` (about a
@@ -79,6 +80,7 @@ def compiler() -> str | None:
 
 
 def source_digest() -> str:
+    """What the kernels' numbers depend on: the source and the flags (cost-profile keys record it)."""
     return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
 
 
@@ -88,8 +90,7 @@ def _library_path(cxx: str, cache_dir) -> Path:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + cxx.encode()
-                            + version.encode()).hexdigest()[:12]
+    digest = hashlib.sha256((source_digest() + cxx + version).encode()).hexdigest()[:12]
     return cache_root(cache_dir) / "kernels" / f"invariant_gemm-{digest}.so"
 
 

@@ -41,8 +41,8 @@ def teacher_dir(root: Path, target_name: str, tcfg, prefix: str = "teacher") -> 
 def ensure_teacher(target_dir: Path, target_name: str, tcfg, data_dir: Path, cache: Path, device: str = "cpu",
                    prefix: str = "teacher", forbid=EVAL_SETS, progress: bool = True,
                    cpu_linear: str = "auto") -> list[Path]:
-    """All teacher shards of ``tcfg`` (made where missing). ``cpu_linear``: the target's fp32 CPU
-    linear kernel while it answers (``model.cpu_linear``; only float rounding differs between kernels,
+    """All teacher shards of ``tcfg`` (made where missing). ``cpu_linear``: the target's CPU linear
+    kernel while it answers (``model.cpu_linear``; only float rounding differs between kernels,
     so it is not part of the folder's key)."""
     out = teacher_dir(cache, target_name, tcfg, prefix)
     prompts = teacher_data.read_prompts(data_dir, list(tcfg.files), tcfg.seed, forbid=forbid)
