@@ -29,14 +29,14 @@ SLIDING_ARCHS = ("mistral", "phi3", "gemma2", "gemma3", "qwen2_sw")
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = VOCAB, layers: int = 2, context: int = 256,
-               attn: str = "sdpa", window: int = 8) -> torch.nn.Module:
+               attn: str = "sdpa", window: int = 8, head_dim: int | None = None) -> torch.nn.Module:
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=context, **common)
     if arch == "llama":
         cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=context, **common)
+                          num_key_value_heads=2, max_position_embeddings=context, head_dim=head_dim, **common)
         cls = LlamaForCausalLM
     elif arch == "qwen2":
         cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,

@@ -164,7 +164,7 @@ def test_negative_control_has_power(name, monkeypatch):
     assert pvalue < P_MIN, f"negative control passed: chi2 p={pvalue:.2e} TV={tv:.4f} bound={bound:.4f}"
 
 
-@pytest.mark.parametrize("draft_kind", ["hf", "eagle_reduced_vocab"])
+@pytest.mark.parametrize("draft_kind", ["hf", "eagle_reduced_vocab", "hf_invariant_kernels"])
 def test_decoder_sampling_end_to_end(draft_kind, default_config):
     """The full decoder (caches, prefill sample, generator plumbing, target hidden states for an EAGLE
     head whose reduced vocabulary leaves q = 0 on some tokens) on a real tiny model.
@@ -174,12 +174,26 @@ def test_decoder_sampling_end_to_end(draft_kind, default_config):
     from models.eagle import EagleConfig, EagleDrafter, EagleHead
     from speculative_decoder import SpeculativeDecoder
 
-    target = tiny_model("llama", vocab=6)
+    # hf_invariant_kernels: target and draft on treespec's batch-invariant linear kernel and attention
+    # (head size 16, so the attention kernel runs rather than its SDPA fallback)
+    invariant = draft_kind == "hf_invariant_kernels"
+    if invariant:
+        from models import invariant_attention, invariant_gemm
+        from models.fast_linear import set_linear_kernel
+
+        if not invariant_gemm.available():
+            pytest.skip("no AVX-512 CPU or no C++ compiler here")
+    head_dim = 16 if invariant else None
+    target = tiny_model("llama", vocab=6, head_dim=head_dim)
     target.generation_config.eos_token_id = None
     with torch.no_grad():
         target.get_output_embeddings().weight.mul_(0.15)  # undo part of the sharpening: spread-out p
-    if draft_kind == "hf":
-        draft = tiny_model("llama", vocab=6, seed=3)
+    if draft_kind in ("hf", "hf_invariant_kernels"):
+        draft = tiny_model("llama", vocab=6, seed=3, head_dim=head_dim)
+        if invariant:
+            for model in (target, draft):
+                set_linear_kernel(model, "invariant")
+                model.set_attn_implementation(invariant_attention.register())
     else:
         torch.manual_seed(3)
         head = EagleHead(EagleConfig.from_target(target, [0, 2, 3, 5]), target.get_input_embeddings().weight,
