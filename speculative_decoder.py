@@ -31,6 +31,7 @@ from models.config import SpeculativeDecodingConfig
 from models.draft_tree_search import DraftTreeSearch, TreeShape
 from models.drafter import Drafter, HFDrafter, target_features
 from models.errors import ConfigError, InputError, ModelLoadError, NumericalError
+from models.lookup import PromptLookup, add_lookup_branch
 from models.loading import (check_device, check_same_vocabulary, context_length, eos_token_ids,  # noqa: F401
                             load_draft, load_model, load_tokenizer, module_device, resolve_checkpoint,
                             resolve_model_path)
@@ -60,6 +61,8 @@ class GenerationStats:
     nodes_drafted: int = 0  # tree nodes the draft proposed, before pruning
     accepted_tokens: int = 0  # drafted tokens the target kept
     draft_forwards: int = 0
+    lookup_nodes: int = 0  # verified nodes the prompt-lookup branch added (tree_search.lookup_tokens)
+    lookup_accepted: int = 0  # accepted tokens that only the lookup branch proposed
     # Sum over verified nodes of their path probability (predicted when a predictor is loaded, else
     # the draft's own): what the tree policy expected to be accepted; compare with accepted_tokens.
     expected_accepted: float = 0.0
@@ -315,6 +318,9 @@ class SpeculativeDecoder:
             search.stop_rule = lambda tree, frontier, widths: pruner.stop_drafting(
                 tree, frontier, pruner.cost.draft_total(widths) if pruner.cost is not None else 0.0, search.random_draws)
         limit = min(max_new, self.context_limit - input_ids.shape[1])  # new tokens we may emit
+        t = self.config.tree_search
+        lookup_tokens = t.lookup_tokens if search is not None else 0
+        lookup = PromptLookup(input_ids[0].tolist(), t.lookup_max_ngram, t.lookup_min_ngram) if lookup_tokens else None
 
         # 0. Prefill: the target's last logits give the first token (the first root).
         cache = new_cache(self.target_model)
@@ -331,13 +337,16 @@ class SpeculativeDecoder:
         del out
         at_limit = "max_new_tokens" if max_new <= self.context_limit - input_ids.shape[1] else "context"
         first, stats.stop_reason = self._truncate([root], 0, limit, at_limit)
+        if lookup is not None:
+            lookup.extend(first)
         stats.target_forwards, stats.new_tokens = 1, 1
         timer.lap("prefill")
         yield first, stats
         timer.pause_until_resumed()
         while not stats.stop_reason:
             # 1. Draft a tree under the root; never deeper than what may still be emitted.
-            depth = min(search.shape.max_depth, limit - stats.new_tokens - 1) if search is not None else 0
+            room = limit - stats.new_tokens - 1  # draft tokens that could still be emitted
+            depth = min(search.shape.max_depth, room) if search is not None else 0
             if depth > 0:
                 scored_s = search.scorer.seconds if scored else 0.0
                 tree = search.grow(self.drafter, root, depth, generator, context)
@@ -358,6 +367,11 @@ class SpeculativeDecoder:
                 timer.lap("prune")
             else:  # what the verified nodes are expected to yield: the sum of their path probabilities
                 expected = float(tree.path_probs()[1:].sum()) if tree.num_drafted else 0.0
+            policy_nodes = len(tree)  # the nodes the policy chose; a lookup branch is appended after them
+            if lookup is not None and room > 0:
+                added = add_lookup_branch(tree, lookup.propose(min(lookup_tokens, room)))
+                stats.lookup_nodes += added
+                timer.lap("draft")
             # 4. Verify: one target forward over root + nodes.
             prefix = cache_length(cache)
             logits, hidden, feats = self._target_tree_forward(tree, prefix, cache, want_hidden)  # [N, V], [N, H], [N, F]
@@ -367,8 +381,9 @@ class SpeculativeDecoder:
             else:
                 path, nxt = verify_sampling(tree, logits, to_probs, search.child_draw if search else "topk", generator)
             timer.lap("verify")
-            if pruner is not None and tree.num_drafted:
-                pruner.observe(expected, len(path) - 1, search.random_draws)
+            policy_accepted = sum(1 for n in path[1:] if n < policy_nodes)
+            if pruner is not None and policy_nodes > 1:
+                pruner.observe(expected, policy_accepted, search.random_draws)
             step_context = context
             if scored:  # what the next step's features know: the target's distribution here
                 context = self._context(logits[path[-1]], to_probs, len(path) - 1)
@@ -383,6 +398,9 @@ class SpeculativeDecoder:
             # 6. Stop conditions (truncate after EOS or at the limit), then record.
             emitted, stats.stop_reason = self._truncate(emitted, stats.new_tokens, limit, at_limit)
             self._record(stats, tree, path, emitted, expected)
+            if lookup is not None:
+                stats.lookup_accepted += min(len(path) - 1, len(emitted)) - min(policy_accepted, len(emitted))
+                lookup.extend(emitted)
             root = nxt
             timer.lap("other")
             yield emitted, stats

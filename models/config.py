@@ -87,6 +87,9 @@ class TreeSearchConfig:
     branching: List[int]
     child_draw: str
     rank_by: str
+    lookup_tokens: int
+    lookup_max_ngram: int
+    lookup_min_ngram: int
 
     def __post_init__(self):
         _check(self.mode in TREE_MODES, "tree_search.mode", self.mode, f"one of {TREE_MODES}")
@@ -95,6 +98,9 @@ class TreeSearchConfig:
         _check(self.max_candidates >= 1, "tree_search.max_candidates", self.max_candidates, "must be >= 1")
         _check(self.max_nodes >= 1, "tree_search.max_nodes", self.max_nodes, "node budget must be >= 1")
         _check(self.child_draw in CHILD_DRAWS, "tree_search.child_draw", self.child_draw, f"one of {CHILD_DRAWS}")
+        _check(self.lookup_tokens >= 0, "tree_search.lookup_tokens", self.lookup_tokens, "must be >= 0 (0 = off)")
+        _check(1 <= self.lookup_min_ngram <= self.lookup_max_ngram, "tree_search.lookup_min_ngram",
+               (self.lookup_min_ngram, self.lookup_max_ngram), "needs 1 <= lookup_min_ngram <= lookup_max_ngram")
         if self.mode == "static":
             b = list(self.branching)
             _check(len(b) >= self.max_depth and all(x >= 1 for x in b), "tree_search.branching", b,

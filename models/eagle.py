@@ -55,6 +55,7 @@ class EagleConfig:
     rms_eps: float = 1e-5
     draft_vocab: list[int] = field(default_factory=list)  # full-vocabulary ids the head can propose
     feature_layers: list[int] = field(default_factory=list)  # [] = the final hidden state (EAGLE-1/2)
+    feature_norm: bool = False  # RMS-normalize each fused layer's state before ``fuse`` (see EagleHead)
 
     @property
     def head_dim(self) -> int:
@@ -62,7 +63,7 @@ class EagleConfig:
 
     @classmethod
     def from_target(cls, target, draft_vocab: list[int], intermediate_size: int | None = None,
-                    feature_layers=None) -> "EagleConfig":
+                    feature_layers=None, feature_norm: bool = False) -> "EagleConfig":
         c = target.config
         heads = c.num_attention_heads
         return cls(hidden_size=c.hidden_size, num_heads=heads,
@@ -71,7 +72,8 @@ class EagleConfig:
                    vocab_size=target.get_output_embeddings().weight.shape[0],
                    rope_theta=float(getattr(c, "rope_theta", None) or (getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
                    rms_eps=float(getattr(c, "rms_norm_eps", 1e-5)), draft_vocab=list(map(int, draft_vocab)),
-                   feature_layers=[int(l) for l in (feature_layers or [])])
+                   feature_layers=[int(l) for l in (feature_layers or [])],
+                   feature_norm=bool(feature_norm and feature_layers))
 
 
 class _RMSNorm(nn.Module):
@@ -103,6 +105,11 @@ class EagleHead(nn.Module):
         self.fc = nn.Linear(2 * h, h, bias=True)
         # EAGLE-3: the target's states at len(feature_layers) layers -> one feature of the hidden size
         self.fuse = nn.Linear(len(cfg.feature_layers) * h, h, bias=False) if cfg.feature_layers else None
+        # Inner layers' states carry a few "massive activation" channels (demo target, layer 15: median
+        # |x| 2, two channels averaging 250 and 87, peaks of 24960): without a per-layer RMSNorm the
+        # fused input, hence the first logits, are huge and training crawls (EAGLE-3 normalizes too).
+        self.feature_norms = (nn.ModuleList(_RMSNorm(h, cfg.rms_eps) for _ in cfg.feature_layers)
+                              if cfg.feature_layers and cfg.feature_norm else None)
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=False)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
@@ -132,7 +139,12 @@ class EagleHead(nn.Module):
         if target_feats.shape[-1] != self.feature_size:
             raise ValueError(f"the head reads target features of width {self.feature_size} "
                              f"(feature_layers={self.cfg.feature_layers}), got {target_feats.shape[-1]}")
-        return self.fuse(target_feats) if self.fuse is not None else target_feats
+        if self.fuse is None:
+            return target_feats
+        if self.feature_norms is not None:
+            parts = target_feats.split(self.cfg.hidden_size, dim=-1)
+            target_feats = torch.cat([norm(x) for norm, x in zip(self.feature_norms, parts)], dim=-1)
+        return self.fuse(target_feats)
 
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                 mask: torch.Tensor | None = None, use_cache: bool = False) -> torch.Tensor:

@@ -17,6 +17,8 @@ Nodes 1..N-1 are drafted tokens in topological order (``parents[i] < i``), so an
     accept_prob [N] float   predicted P(node accepted | parent accepted) (root 1), with a predictor
     expansions  {node: Expansion} the draft's hidden state and argmax at each expanded node (what
                             its children were drafted from; the alignment's training pairs)
+    fixed       [N] bool    nodes that are deterministic proposals, not draws from the draft (the
+                            prompt-lookup branch, ``models.lookup``); None when there are none
 
 Tree attention: the verify pass feeds all N nodes at once with ``position_ids = prefix_len +
 depth`` and a 4-D mask in which the cached prefix is fully visible and each node sees its
@@ -50,6 +52,7 @@ class DraftTree:
     features: torch.Tensor | None = None  # [N, F]
     accept_prob: torch.Tensor | None = None  # [N]
     expansions: dict[int, Expansion] = field(default_factory=dict)
+    fixed: torch.Tensor | None = None  # [N] bool
     _anc: torch.Tensor | None = field(default=None, repr=False, compare=False)  # ancestor_matrix cache
 
     # ------------------------------------------------------------------ construction
@@ -205,7 +208,7 @@ class DraftTree:
         tree = DraftTree(self.tokens[old_index], parents, self.depth[old_index], self.logprobs[old_index], probs, origin,
                          features=None if self.features is None else self.features[cpu],
                          accept_prob=None if self.accept_prob is None else self.accept_prob[cpu],
-                         expansions=expansions)
+                         expansions=expansions, fixed=None if self.fixed is None else self.fixed[cpu])
         return tree, old_index
 
     def grown_index(self, nodes: list[int]) -> list[int]:

@@ -51,20 +51,23 @@ def verify_sampling(
     for ``without_replacement`` also q[x] <- 0, q <- normalize(q). With ``topk`` the children are
     deterministic, i.e. q is a point mass at x: accept with probability p[x], else p[x] <- 0,
     p <- normalize(p). If no child is accepted, the emitted token is drawn from the residual p; at a
-    leaf it is drawn from p (the bonus).
+    leaf it is drawn from p (the bonus). Nodes in ``tree.fixed`` (deterministic proposals, e.g. the
+    prompt-lookup branch, added after the drawn siblings) are point masses too, whatever ``child_draw``.
     """
     tokens, children = tree.tokens.tolist(), tree.children_lists()
+    fixed = set() if tree.fixed is None else set(tree.fixed.nonzero().flatten().tolist())
     path, node = [0], 0
     while True:
         p = to_probs(target_logits[node])  # [V]
         kids = children.get(node, [])
         accepted = None
         if kids:
-            q = tree.draft_probs[node].to(p.device, torch.float32) if child_draw != "topk" else None
+            drawn = child_draw != "topk" and any(c not in fixed for c in kids)
+            q = tree.draft_probs[node].to(p.device, torch.float32) if drawn else None
             for c in kids:
                 x = tokens[c]
                 u = torch.rand((), generator=generator, device=p.device)
-                if child_draw == "topk":
+                if child_draw == "topk" or c in fixed:  # a point-mass proposal
                     if u < p[x]:
                         accepted = c
                         break

@@ -34,6 +34,7 @@ def summary(stats: GenerationStats) -> dict:
                 nodes_drafted_per_step=round(stats.nodes_drafted / steps, 2),
                 pruned_fraction=round(d["pruned_fraction"], 4), accepted_tokens=stats.accepted_tokens,
                 expected_accepted=round(stats.expected_accepted, 2), stop_reason=stats.stop_reason,
+                lookup_nodes_per_step=round(stats.lookup_nodes / steps, 2), lookup_accepted=stats.lookup_accepted,
                 time_share={k: round(v / stats.total_time_s, 3) if stats.total_time_s else 0.0
                             for k, v in stats.time_s.items() if v > 0})
 
@@ -45,6 +46,9 @@ def format_summary(s: dict, compare: dict | None = None) -> str:
                      f"verified {s['nodes_verified_per_step']:.1f} of {s['nodes_drafted_per_step']:.1f} drafted nodes "
                      f"per step ({100 * s['pruned_fraction']:.0f}% pruned) | {s['accepted_tokens']} draft tokens "
                      f"accepted, {s['expected_accepted']:.1f} expected")
+        if s["lookup_nodes_per_step"]:
+            lines.append(f"prompt lookup: {s['lookup_nodes_per_step']:.1f} nodes per step added, "
+                         f"{s['lookup_accepted']} tokens accepted that only it proposed")
     lines.append("time: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in s["time_share"].items()))
     if compare is not None:
         same = compare["identical"]

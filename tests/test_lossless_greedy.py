@@ -13,6 +13,9 @@ SEARCHES = {
     "chain": dict(method="chain", tree_search=dict(max_depth=4)),
     "static": dict(method="tree", tree_search=dict(mode="static", max_depth=3, branching=[3, 2, 1], max_nodes=16)),
     "dynamic": dict(method="tree", tree_search=dict(mode="dynamic", max_depth=4, max_candidates=3, max_nodes=10)),
+    # + the prompt-lookup branch (models/lookup.py): nodes the draft never proposed
+    "dynamic-lookup": dict(method="tree", tree_search=dict(mode="dynamic", max_depth=3, max_candidates=2, max_nodes=6,
+                                                           lookup_tokens=6)),
 }
 
 

@@ -14,6 +14,7 @@ A negative control (rejections that skip the residual update) must fail the same
 import dataclasses
 import itertools
 import math
+import sys
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from scipy.stats import chisquare
 import models.verification as verification
 from conftest import tiny_model
 from models.draft_tree_search import DraftTreeSearch, TreeShape
+from models.lookup import PromptLookup, add_lookup_branch
 from models.drafter import Drafter
 from models.sampling import logits_to_probs
 from models.tree import DraftTree
@@ -62,18 +64,23 @@ class TableDrafter(Drafter):
         self.context += tuple(tree.tokens[path].tolist())
 
 
-def speculative_sample(table, search, to_probs, prompt, root, generator) -> tuple[int, ...]:
-    """The decoder's loop (steps 1, 4, 5) without KV caches: the first HORIZON tokens after root."""
+def speculative_sample(table, search, to_probs, prompt, root, generator, lookup: int = 0) -> tuple[int, ...]:
+    """The decoder's loop (steps 1, 4, 5) without KV caches: the first HORIZON tokens after root.
+    ``lookup`` > 0 adds the prompt-lookup branch of that many tokens to every tree (as the decoder does)."""
     drafter = TableDrafter(table)
     drafter.prefill(torch.tensor([prompt]))
+    history = PromptLookup(prompt + [root], max_ngram=2, min_ngram=1)
     out = []
     while len(out) < HORIZON:
         tree = search.grow(drafter, root, search.shape.max_depth, generator)
+        if lookup:
+            add_lookup_branch(tree, history.propose(lookup))
         logits = torch.stack([table(drafter.context + tuple(tree.tokens[tree.path_to(i)].tolist()))[0]
                               for i in range(len(tree))])
         path, nxt = verify_sampling(tree, logits, to_probs, search.child_draw, generator)
         drafter.commit(tree, path)
         out += tree.tokens[path[1:]].tolist() + [nxt]
+        history.extend(tree.tokens[path[1:]].tolist() + [nxt])
         root = nxt
     return tuple(out[:HORIZON])
 
@@ -134,7 +141,12 @@ VARIANTS = {
     "dynamic-topk": ("dynamic", 3, 2, [2, 2, 2], 5, "topk", 1.0, 0, 0.9),
     "dynamic-iid": ("dynamic", 3, 2, [2, 2, 2], 5, "iid", 1.0, 0, 1.0),
     "dynamic-without_replacement": ("dynamic", 3, 2, [2, 2, 2], 6, "without_replacement", 0.7, 0, 0.95),
+    # with the prompt-lookup branch: deterministic nodes after (or below) the drawn ones
+    "chain-lookup": ("static", 2, 1, [1, 1], 2, "iid", 1.0, 0, 1.0),
+    "dynamic-iid-lookup": ("dynamic", 2, 2, [2, 2], 4, "iid", 1.0, 0, 1.0),
+    "static-without_replacement-lookup": ("static", 2, 2, [2, 1], 4, "without_replacement", 0.8, 3, 1.0),
 }
+LOOKUP_TOKENS = 3  # for the *-lookup variants; V = 5 tokens, so the context repeats n-grams often
 
 
 def run_variant(name: str, n: int = N, seed: int = 0):
@@ -144,7 +156,8 @@ def run_variant(name: str, n: int = N, seed: int = 0):
     search = DraftTreeSearch(TreeShape(mode, depth, width, max_nodes, branching), to_probs, draw)
     prompt, root = [3, 1, 4], 2
     generator = torch.Generator().manual_seed(seed)
-    samples = [speculative_sample(table, search, to_probs, prompt, root, generator) for _ in range(n)]
+    lookup = LOOKUP_TOKENS if name.endswith("-lookup") else 0
+    samples = [speculative_sample(table, search, to_probs, prompt, root, generator, lookup) for _ in range(n)]
     return samples, exact_distribution(table, to_probs, tuple(prompt) + (root,))
 
 
@@ -160,6 +173,24 @@ def test_negative_control_has_power(name, monkeypatch):
     """Skipping the residual update after a rejection is biased; the test must catch it."""
     monkeypatch.setattr(verification, "_renormalize", lambda residual, fallback: fallback)
     samples, probs = run_variant(name)
+    pvalue, tv, bound = goodness_of_fit(samples, probs)
+    assert pvalue < P_MIN, f"negative control passed: chi2 p={pvalue:.2e} TV={tv:.4f} bound={bound:.4f}"
+
+
+def test_lookup_negative_control_has_power(monkeypatch):
+    """Treating the lookup branch's deterministic nodes as draws from the draft (ratio test against q)
+    is biased; the goodness-of-fit test must catch it, so the point-mass rule is what it verifies."""
+    real = verification.verify_sampling
+
+    def ignore_fixed(tree, logits, to_probs, child_draw, generator):
+        if tree.fixed is not None:
+            for node in tree.parents[tree.fixed].tolist():  # a lookup-only parent gets a uniform q
+                tree.draft_probs.setdefault(node, torch.full((V,), 1.0 / V))
+            tree.fixed = None
+        return real(tree, logits, to_probs, child_draw, generator)
+
+    monkeypatch.setattr(sys.modules[__name__], "verify_sampling", ignore_fixed)
+    samples, probs = run_variant("dynamic-iid-lookup")
     pvalue, tv, bound = goodness_of_fit(samples, probs)
     assert pvalue < P_MIN, f"negative control passed: chi2 p={pvalue:.2e} TV={tv:.4f} bound={bound:.4f}"
 

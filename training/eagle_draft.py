@@ -179,7 +179,8 @@ def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=N
     if key not in data:
         raise ConfigError(f"the recipe reads the target's states at layers {layers} (teacher.feature_layers) but "
                           "the teacher shards carry only the final ones: they come from another teacher recipe")
-    head = EagleHead(EagleConfig.from_target(target, vocab, cfg.get("intermediate_size"), layers),
+    head = EagleHead(EagleConfig.from_target(target, vocab, cfg.get("intermediate_size"), layers,
+                                             bool(cfg.get("feature_norm", False))),
                      target.get_input_embeddings().weight, target.get_output_embeddings().weight).to(device)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))

@@ -260,6 +260,17 @@ def split_by_prompt(prompt: torch.Tensor, fractions: tuple[float, ...], seed: in
     return masks
 
 
+def _search_settings(tree_search) -> dict:
+    """The trace run's tree search as it enters the cache key; the prompt-lookup keys only when the
+    lookup is on, so trace folders made before those keys existed keep their names."""
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(tree_search)
+    if not d.get("lookup_tokens"):
+        d = {k: v for k, v in d.items() if not k.startswith("lookup_")}
+    return d
+
+
 def run_collect(cfg, tracker=None) -> Path:
     """The pipeline behind scripts/collect_traces.py: decoder with the trace tree, prompts, shards."""
     from omegaconf import OmegaConf
@@ -274,7 +285,7 @@ def run_collect(cfg, tracker=None) -> Path:
     decoder = SpeculativeDecoder(SpeculativeDecodingConfig.from_hydra(merged))
     settings = {"files": list(t.files), "seed": int(t.seed), "max_new_tokens": int(t.max_new_tokens),
                 "max_prompt_tokens": int(t.max_prompt_tokens), "shard_prompts": int(t.shard_prompts),
-                "num_prompts": int(t.num_prompts), "tree_search": OmegaConf.to_container(merged.tree_search),
+                "num_prompts": int(t.num_prompts), "tree_search": _search_settings(merged.tree_search),
                 "decoding": OmegaConf.to_container(merged.decoding), "model": OmegaConf.to_container(merged.model),
                 "pruning": OmegaConf.to_container(merged.pruning)}
     if t.out_dir:
