@@ -1,11 +1,12 @@
-"""treespec's batch-invariant kernels for AVX-512 CPUs: linear layers in fp32 and bf16
-(``model.cpu_linear=invariant``) and decode-time attention (``models/invariant_attention.py``).
+"""treespec's batch-invariant kernels for x86 CPUs: linear layers in fp32 (AVX-512 or AVX2 + FMA) and bf16
+(AVX512_BF16) (``model.cpu_linear=invariant``), and decode-time attention (``models/invariant_attention.py``).
 
-The C++ source (``models/csrc/invariant_gemm.cpp``, no torch headers) is compiled on first use with
-the system C++ compiler (``$CXX``, else ``g++`` / ``c++``) into ``$TREESPEC_CACHE/kernels/`` (about a
-second; keyed by the source, the flags and the compiler, written atomically so parallel processes
-can share it) and called through ``ctypes`` on the tensors' memory. It links OpenMP by the same
-soname as torch's bundled runtime, so it runs on torch's own thread pool.
+The C++ source (``models/csrc/invariant_gemm.cpp`` and its AVX2 half ``invariant_gemm_avx2.inc``, no torch
+headers) is compiled on first use with the system C++ compiler (``$CXX``, else ``g++`` / ``c++``) for the
+CPU's best ISA (``isa()``) into ``$TREESPEC_CACHE/kernels/`` (about a second; keyed by the source, the
+flags and the compiler, written atomically so parallel processes can share it) and called through
+``ctypes`` on the tensors' memory. It links OpenMP by the same soname as torch's bundled runtime, so it
+runs on torch's own thread pool.
 
 Why: on the 2-core AMD EPYC test machine MKL's fp32 GEMM streams the weights of a one-token forward
 at ~12 GB/s and oneDNN's at ~15; the memory does ~30. This kernel keeps 8-16 accumulators in
@@ -13,7 +14,8 @@ registers and reads each packed weight byte once per block of rows, so a product
 costs about what one row costs and one row costs about a third of MKL's (README, "Speed levers").
 Every output is one FMA chain over ``k`` in order, so a row's result does not depend on how many
 rows are computed with it: verifying a tree gives the target's linear layers bitwise the numbers
-one-token decoding gives.
+one-token decoding gives. The AVX2 build computes the same chains in 8-lane halves, so its linear
+outputs equal the AVX-512 build's bitwise (its attention sums in another, equally fixed, order).
 """
 
 from __future__ import annotations
@@ -30,10 +32,15 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "invariant_gemm.cpp"
-# AVX-512 F/VL/BW/DQ (every AVX-512 CPU since Skylake-SP) and BF16 (the bf16 functions run only where
-# the CPU has it: cpu_has_avx512_bf16)
-FLAGS = ("-O3", "-std=c++17", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx512bf16", "-mfma",
-         "-fopenmp", "-shared", "-fPIC")
+SOURCES = (SOURCE, SOURCE.with_name("invariant_gemm_avx2.inc"))  # what the build reads
+_COMMON_FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
+ISA_FLAGS = {
+    # AVX-512 F/VL/BW/DQ (every AVX-512 CPU since Skylake-SP) and BF16 (the bf16 functions run only
+    # where the CPU has it: cpu_has_avx512_bf16)
+    "avx512": ("-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx512bf16", "-mfma"),
+    # Haswell / Zen 1 and later without AVX-512: fp32 linear and attention (invariant_gemm_avx2.inc)
+    "avx2": ("-mavx2", "-mfma"),
+}
 
 _lock = threading.Lock()
 _lib = None
@@ -66,6 +73,27 @@ def cpu_has_avx512() -> bool:
         return False
 
 
+def cpu_has_avx2() -> bool:
+    """AVX2 + FMA (torch's "AVX2" capability level means the same)."""
+    flags = _cpu_flags()
+    if flags:
+        return {"avx2", "fma"} <= flags
+    try:
+        return str(torch.backends.cpu.get_cpu_capability()).upper() in ("AVX2", "AVX512")
+    except Exception:  # noqa: BLE001 - older torch, no /proc
+        return False
+
+
+def isa() -> str | None:
+    """The instruction set the kernels are built for here: ``avx512``, ``avx2`` or None (neither)."""
+    return "avx512" if cpu_has_avx512() else "avx2" if cpu_has_avx2() else None
+
+
+def flags() -> tuple[str, ...]:
+    """The compiler flags of this CPU's build (``isa()``; the AVX-512 ones where there is none)."""
+    return _COMMON_FLAGS + ISA_FLAGS[isa() or "avx512"]
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_avx512_bf16() -> bool:
     """The bf16 kernels' VDPBF16PS / VCVTNEPS2BF16 (AVX512_BF16: Cooper Lake, Sapphire Rapids, Zen 4+)."""
@@ -81,7 +109,7 @@ def compiler() -> str | None:
 
 def source_digest() -> str:
     """What the kernels' numbers depend on: the source and the flags (cost-profile keys record it)."""
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(flags()).encode()).hexdigest()[:12]
 
 
 def _library_path(cxx: str, cache_dir) -> Path:
@@ -98,7 +126,7 @@ def _build(cxx: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.so")
     try:
-        done = subprocess.run([cxx, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
+        done = subprocess.run([cxx, *flags(), "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
                               timeout=300)
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"compiling {SOURCE.name} with {cxx} failed: {exc}") from exc
@@ -117,8 +145,9 @@ def load(cache_dir=None):
         if _error is not None:
             raise KernelUnavailable(_error)
         try:
-            if not cpu_has_avx512():
-                raise KernelUnavailable("this CPU has no AVX-512 (the invariant kernel needs avx512f)")
+            if isa() is None:
+                raise KernelUnavailable("this CPU has neither AVX-512 nor AVX2 + FMA (the invariant kernel "
+                                        "needs one of them)")
             cxx = compiler()
             if cxx is None:
                 raise KernelUnavailable("no C++ compiler found (set $CXX or install g++)")
@@ -170,7 +199,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 def supports(dtype: torch.dtype) -> bool:
-    """Whether the kernels run ``dtype`` on this CPU (fp32: AVX-512; bf16: also AVX512_BF16)."""
+    """Whether the kernels run ``dtype`` on this CPU (fp32: AVX-512 or AVX2 + FMA; bf16: AVX512_BF16)."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_avx512_bf16())
 
 

@@ -1,8 +1,10 @@
-"""treespec's batch-invariant AVX-512 linear kernel (model.cpu_linear=invariant): the numbers of an fp32
+"""treespec's batch-invariant linear kernel (AVX-512 or AVX2 + FMA builds) (model.cpu_linear=invariant): the numbers of an fp32
 product up to rounding, each row bitwise the same however many rows are computed with it, greedy
 decoding still the target's own tokens (tests/test_fast_linear.py, with the other kernels); building, caching, corrupt libraries and the fallback."""
 
 import copy
+import ctypes
+import subprocess
 
 import pytest
 import torch
@@ -88,11 +90,39 @@ def test_no_compiler_is_a_clear_error_and_auto_falls_back(fresh_kernel_state, mo
         resolve_cpu_linear("fast")
 
 
-def test_no_avx512_is_a_clear_error(fresh_kernel_state, monkeypatch):
+def test_no_simd_isa_is_a_clear_error(fresh_kernel_state, monkeypatch):
     monkeypatch.setattr(invariant_gemm, "cpu_has_avx512", lambda: False)
-    with pytest.raises(invariant_gemm.KernelUnavailable, match="AVX-512"):
+    monkeypatch.setattr(invariant_gemm, "cpu_has_avx2", lambda: False)
+    with pytest.raises(invariant_gemm.KernelUnavailable, match="neither AVX-512 nor AVX2"):
         invariant_gemm.load()
     assert not invariant_gemm.available()
+
+
+def test_the_build_targets_the_best_isa_here(monkeypatch):
+    monkeypatch.setattr(invariant_gemm, "cpu_has_avx512", lambda: False)
+    monkeypatch.setattr(invariant_gemm, "cpu_has_avx2", lambda: True)
+    avx2 = (invariant_gemm.isa(), invariant_gemm.flags(), invariant_gemm.source_digest())
+    assert avx2[0] == "avx2" and "-mavx2" in avx2[1] and not any("avx512" in f for f in avx2[1])
+    monkeypatch.setattr(invariant_gemm, "cpu_has_avx512", lambda: True)
+    avx512 = (invariant_gemm.isa(), invariant_gemm.flags(), invariant_gemm.source_digest())
+    assert avx512[0] == "avx512" and "-mavx512f" in avx512[1]
+    assert avx2[2] != avx512[2]  # each ISA's build (and the cost profiles keyed by it) has its own key
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_both_isa_builds_compile(isa, tmp_path):
+    """Whatever this CPU runs, both halves of the source must keep compiling (CI may lack AVX-512)."""
+    cxx = invariant_gemm.compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler here")
+    out = tmp_path / f"k-{isa}.so"
+    done = subprocess.run([cxx, *invariant_gemm._COMMON_FLAGS, *invariant_gemm.ISA_FLAGS[isa], "-o", str(out),
+                           str(invariant_gemm.SOURCE)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lib = ctypes.CDLL(str(out))  # loading runs none of its vector code
+    for fn in ("treespec_linear", "treespec_pack", "treespec_packed_floats", "treespec_linear_bf16",
+               "treespec_pack_bf16", "treespec_packed_bf16", "treespec_attention_f32", "treespec_attention_bf16"):
+        assert hasattr(lib, fn), fn
 
 
 @needs_kernel
@@ -114,8 +144,8 @@ def test_build_is_cached_and_a_corrupt_library_is_rebuilt(fresh_kernel_state):
 
 
 def test_broken_compiler_output_is_reported(fresh_kernel_state, monkeypatch, tmp_path):
-    if not invariant_gemm.cpu_has_avx512():
-        pytest.skip("the build is only attempted on AVX-512 CPUs")
+    if invariant_gemm.isa() is None:
+        pytest.skip("the build is only attempted on AVX-512 or AVX2 CPUs")
     fake = tmp_path / "fake-cxx"
     fake.write_text("#!/bin/sh\necho 'fatal: cannot compile' >&2\nexit 1\n")
     fake.chmod(0o755)

@@ -1,4 +1,6 @@
-// treespec's batch-invariant fp32 linear kernel for CPUs with AVX-512 (models/invariant_gemm.py).
+// treespec's batch-invariant kernels (models/invariant_gemm.py): fp32 linear + attention for CPUs with
+// AVX-512 or with AVX2 + FMA (the same source, built with the flags of the CPU's best ISA), bf16 on
+// AVX512_BF16.
 //
 //   y[M, N] = x[M, K] @ W[N, K]^T (+ bias[N])
 //
@@ -13,6 +15,41 @@
 #include <omp.h>
 #include <math.h>
 #include <stdlib.h>
+
+// Weight packing (plain C++, shared by both ISAs). fp32: panels of 16 output columns, P[ceil(N/16)][K][16];
+// bf16: the same with pairs of k interleaved, P[ceil(N/16)][ceil(K/2)][16][2] (both zero padded).
+typedef unsigned short bf16_t;
+
+extern "C" long treespec_packed_floats(long N, long K) { return (N + 15) / 16 * K * 16; }
+
+extern "C" int treespec_pack(const float* w, long N, long K, float* out) {
+    const long P = (N + 15) / 16;
+    #pragma omp parallel for
+    for (long p = 0; p < P; ++p)
+        for (long k = 0; k < K; ++k)
+            for (long j = 0; j < 16; ++j) {
+                const long n = p * 16 + j;
+                out[(p * K + k) * 16 + j] = n < N ? w[n * K + k] : 0.0f;
+            }
+    return 0;
+}
+
+extern "C" long treespec_packed_bf16(long N, long K) { return (N + 15) / 16 * ((K + 1) / 2) * 32; }
+
+extern "C" int treespec_pack_bf16(const bf16_t* w, long N, long K, bf16_t* out) {
+    const long P = (N + 15) / 16, KP = (K + 1) / 2;
+    #pragma omp parallel for
+    for (long p = 0; p < P; ++p)
+        for (long kk = 0; kk < KP; ++kk)
+            for (long j = 0; j < 16; ++j)
+                for (long e = 0; e < 2; ++e) {
+                    const long n = p * 16 + j, k = 2 * kk + e;
+                    out[((p * KP + kk) * 16 + j) * 2 + e] = (n < N && k < K) ? w[n * K + k] : (bf16_t)0;
+                }
+    return 0;
+}
+
+#if defined(__AVX512F__)
 
 template <int R, int C>
 static inline void tile(const float* __restrict x, long K, const float* __restrict panels, long p0,
@@ -45,20 +82,6 @@ static void panels_range(const float* x, long K, const float* panels, long pa, l
     long p = pa;
     for (; p + C <= pb; p += C) tile<R, C>(x, K, panels, p, y, N, bias);
     for (; p < pb; ++p) tile<R, 1>(x, K, panels, p, y, N, bias);
-}
-
-extern "C" long treespec_packed_floats(long N, long K) { return (N + 15) / 16 * K * 16; }
-
-extern "C" int treespec_pack(const float* w, long N, long K, float* out) {
-    const long P = (N + 15) / 16;
-    #pragma omp parallel for
-    for (long p = 0; p < P; ++p)
-        for (long k = 0; k < K; ++k)
-            for (long j = 0; j < 16; ++j) {
-                const long n = p * 16 + j;
-                out[(p * K + k) * 16 + j] = n < N ? w[n * K + k] : 0.0f;
-            }
-    return 0;
 }
 
 // The driver shared by both dtypes: output columns split evenly across threads; blocks of 8 panels
@@ -107,8 +130,6 @@ extern "C" int treespec_linear(const float* x, long M, long K, const float* pane
 // interleaved, P[ceil(N/16)][ceil(K/2)][16][2]; every output is one chain of VDPBF16PS over
 // k-pairs in order (fp32 accumulation), rounded to bf16 once at the end: batch invariant too.
 
-typedef unsigned short bf16_t;
-
 static inline __m512 bf16_to_f32(const bf16_t* p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
@@ -148,21 +169,6 @@ static void panels_range_bf16(const unsigned* xp, long KP, const bf16_t* panels,
     long p = pa;
     for (; p + C <= pb; p += C) tile_bf16<R, C>(xp, KP, panels, p, y, N, bias);
     for (; p < pb; ++p) tile_bf16<R, 1>(xp, KP, panels, p, y, N, bias);
-}
-
-extern "C" long treespec_packed_bf16(long N, long K) { return (N + 15) / 16 * ((K + 1) / 2) * 32; }
-
-extern "C" int treespec_pack_bf16(const bf16_t* w, long N, long K, bf16_t* out) {
-    const long P = (N + 15) / 16, KP = (K + 1) / 2;
-    #pragma omp parallel for
-    for (long p = 0; p < P; ++p)
-        for (long kk = 0; kk < KP; ++kk)
-            for (long j = 0; j < 16; ++j)
-                for (long e = 0; e < 2; ++e) {
-                    const long n = p * 16 + j, k = 2 * kk + e;
-                    out[((p * KP + kk) * 16 + j) * 2 + e] = (n < N && k < K) ? w[n * K + k] : (bf16_t)0;
-                }
-    return 0;
 }
 
 struct Bf16Gemm {
@@ -317,3 +323,7 @@ extern "C" int treespec_attention_bf16(
     return attention<Bf16Io>(q, q_sh, q_sn, k, k_sh, k_sl, v, v_sh, v_sl, mask, mask_sn, out, H, KVH, N, L, D, scale,
                              threads);
 }
+
+#else  // AVX2 + FMA: models/csrc/invariant_gemm_avx2.inc
+#include "invariant_gemm_avx2.inc"
+#endif
