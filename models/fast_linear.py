@@ -1,10 +1,12 @@
 """Which kernel runs a model's CPU linear layers (``model.cpu_linear``; fp32, and bf16 with ``invariant``).
 
-- ``invariant``: treespec's own batch-invariant AVX-512 kernel (``models/invariant_gemm.py``): on the
-  2-core AMD EPYC test machine the demo target's forward after 200 cached tokens takes 26 ms for 1
-  token and 36 for 8, against 45 and 66 with ``hybrid``; every row's result is bitwise the same
-  however many rows are computed with it.
-- ``auto`` (default): ``invariant`` where it can run (AVX-512 CPU, a C++ compiler), else ``hybrid``.
+- ``invariant``: treespec's own batch-invariant kernel (``models/invariant_gemm.py``; AVX-512, or AVX2 +
+  FMA): on the 2-core AMD EPYC test machine with AVX-512 the demo target's forward after 200 cached
+  tokens takes 26 ms for 1 token and 36 for 8, against 45 and 66 with ``hybrid``; on the AVX2 one
+  52 and 67 against 61 and 138; every row's result is bitwise the same however many rows are
+  computed with it.
+- ``auto`` (default): ``invariant`` where it can run (AVX-512 or AVX2 + FMA CPU, a C++ compiler), else
+  ``hybrid``.
 - ``hybrid``: oneDNN's prepacked kernel (``torch.ops.mkldnn._reorder_linear_weight`` +
   ``_linear_pointwise``, what torch.compile's CPU freezing uses) for one-row products, MKL for more.
 - ``onednn``: oneDNN for every product. ``mkl``: the model is left alone (torch's default GEMM).

@@ -90,14 +90,18 @@ def learned(tmp_path_factory):
 
 
 def check_scored_tree(rec, alignment_lm_head=None, from_aligned: bool = False) -> None:
-    """A verified tree carries P(accept | parent) in (0, 1] per node (root 1), path probabilities that
+    """A verified tree carries P(accept | parent) in (0, 1] per policy node (root 1), path probabilities that
     are their products along each path, and computed aligned features."""
     tree = rec.tree
     if tree.num_drafted == 0:
         return
     assert tree.accept_prob is not None and tree.accept_prob.shape == (len(tree),)
     assert float(tree.accept_prob[0]) == 1.0
-    assert bool(((tree.accept_prob > 0) & (tree.accept_prob <= 1)).all())
+    # the prompt-lookup branch's new nodes (tree.fixed, added after pruning) are never scored: 0
+    fixed = tree.fixed if tree.fixed is not None else torch.zeros(len(tree), dtype=torch.bool)
+    scored = tree.accept_prob[~fixed]
+    assert bool(((scored > 0) & (scored <= 1)).all())
+    assert bool((tree.accept_prob[fixed] == 0).all())
     pp = tree.path_probs()
     parents = tree.parents[1:]
     assert bool((pp[1:] <= pp[parents] * (1 + 1e-6)).all())  # non-increasing along every path
@@ -107,8 +111,8 @@ def check_scored_tree(rec, alignment_lm_head=None, from_aligned: bool = False) -
         alignment, lm_head = alignment_lm_head
         with torch.no_grad():
             aligned = alignment.aligned_logits(tree.expansions[0].hidden.unsqueeze(0), lm_head)[0]
-        kids = tree.tokens[tree.children(0)].tolist()
-        assert set(kids) <= set(torch.topk(aligned, 3).indices.tolist())
+        kids = [int(tree.tokens[c]) for c in tree.children(0) if not fixed[c]]  # drafted, not looked up
+        assert kids and set(kids) <= set(torch.topk(aligned, 3).indices.tolist())
 
 
 GREEDY_VARIANTS = {  # name: (overrides, which predictor checkpoint)

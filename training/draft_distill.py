@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from models.errors import ConfigError, ModelLoadError
 from models.prompts import exchange_ids
 from training.jsonl import read_jsonl
+from training.precision import resolve_bf16, resolve_dtype
 from training.teacher_data import interleave
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,8 @@ def distill(student, teacher, batches, cfg, progress: bool = True, state_path: P
             raise ModelLoadError(f"training state {state_path} is unreadable or belongs to another model ({exc}); "
                                  "delete it to start this training over") from exc
         log.info("resuming %s at step %d of %d", state_path, len(losses), steps)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg.student_bf16))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16,
+                              enabled=resolve_bf16(cfg.student_bf16, "cpu", "draft.student_bf16"))
     student.train()
     bar = tqdm(batches, desc="distilling draft", disable=not progress, dynamic_ncols=True, initial=len(losses))
     for step, batch in enumerate(batches):
@@ -297,8 +299,8 @@ def build_quick_draft(target_dir, out_dir, cfg, data_dir, progress: bool = True)
     before = agreement(draft, eval_batches, reference)
     log.info("agreement before training: %s", before)
     # The teacher may run in bf16 for speed; a copy keeps the fp32 target intact for evaluation.
-    teacher = target if cfg.teacher_dtype == "float32" else \
-        copy.deepcopy(target).to(getattr(torch, cfg.teacher_dtype))
+    teacher_dtype = resolve_dtype(cfg.teacher_dtype, "cpu", "draft.teacher_dtype")
+    teacher = target if teacher_dtype == "float32" else copy.deepcopy(target).to(getattr(torch, teacher_dtype))
     teacher.requires_grad_(False)
     t_train = time.perf_counter()
     losses = distill(draft, teacher, train_batches, cfg, progress=progress)

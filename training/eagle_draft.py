@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from models.eagle import EagleConfig, EagleHead, save_eagle_draft
 from models.errors import ConfigError
+from training.precision import resolve_bf16
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=N
         return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
     flat = [b for epoch in plan for b in epoch][:total_steps]
+    bf16 = resolve_bf16(cfg.bf16, device.type, "draft.bf16")
     bar = tqdm(total=total_steps, initial=step, desc="eagle head", unit="step", disable=not progress)
     t0 = time.time()
     head.train()
@@ -218,7 +220,7 @@ def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=N
             feats = feats + (torch.rand(feats.shape, generator=g).to(device) - 0.5) * 2 * cfg.feature_noise
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, stats = loss_fn(head, feats, tokens, pos, target_f, mask, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from models.errors import ConfigError
 from training import teacher_data
+from training.precision import resolve_dtype
 from training.provenance import provenance
 from models.demo_pair import cache_root
 from training.draft_distill import EVAL_SETS
@@ -44,6 +45,8 @@ def ensure_teacher(target_dir: Path, target_name: str, tcfg, data_dir: Path, cac
     """All teacher shards of ``tcfg`` (made where missing). ``cpu_linear``: the target's CPU linear
     kernel while it answers (``model.cpu_linear``; only float rounding differs between kernels,
     so it is not part of the folder's key)."""
+    # auto -> the dtype it means here, before it keys the folder (bf16 and fp32 teachers differ slightly)
+    tcfg = OmegaConf.merge(tcfg, {"dtype": resolve_dtype(tcfg.dtype, device, "draft.teacher.dtype")})
     out = teacher_dir(cache, target_name, tcfg, prefix)
     prompts = teacher_data.read_prompts(data_dir, list(tcfg.files), tcfg.seed, forbid=forbid)
     prompts = prompts[:tcfg.num_prompts]
