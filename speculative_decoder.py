@@ -91,8 +91,9 @@ class GenerationStats:
 
     @property
     def pruned_fraction(self) -> float:
-        """Share of drafted nodes the pruner cut before verification."""
-        return 1 - self.drafted_tokens / self.nodes_drafted if self.nodes_drafted else 0.0
+        """Share of drafted nodes the pruner cut before verification (the prompt-lookup branch's own nodes,
+        verified but never drafted, are not counted)."""
+        return 1 - (self.drafted_tokens - self.lookup_nodes) / self.nodes_drafted if self.nodes_drafted else 0.0
 
     @property
     def tokens_per_s(self) -> float:

@@ -18,7 +18,7 @@ from training.traces import TraceRecorder, collect, load_traces, read_prompt_row
 # pruning=none: what the recorder stores must not depend on this machine's measured cost curves (under
 # load the cost-aware policy may verify no drafted node at all on the tiny pair).
 TREE = ["pruning=none", "decoding.method=tree", "tree_search=dynamic", "tree_search.max_depth=4", "tree_search.max_candidates=3",
-        "tree_search.max_nodes=12"]
+        "tree_search.max_nodes=12", "tree_search.lookup_tokens=0"]  # traces are of drafted nodes only
 PROMPT = [5, 9, 17, 33, 2]
 TEMPERATURE = 0.8
 
@@ -278,3 +278,11 @@ def test_a_shard_without_drafted_nodes_keeps_its_dtypes():
     assert empty["parent_pair"].dtype == empty["prompt"].dtype == empty["token"].dtype == torch.long
     assert empty["features"].dim() == 2 and empty["label"].is_floating_point()
     assert pair_prompts(empty).numel() == 0
+
+
+def test_collecting_with_prompt_lookup_is_refused(tmp_path):
+    target, draft = tiny_pair()
+    decoder = make_decoder(target, draft, "tree_search.lookup_tokens=4")
+    with pytest.raises(ConfigError, match="lookup_tokens=0"):
+        collect(decoder, [{"id": "p0", "prompt": "hi"}], tmp_path / "traces", {}, 1, 4, 64, progress=False)
+    assert not (tmp_path / "traces").exists()

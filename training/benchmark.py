@@ -241,13 +241,13 @@ def run_record(row: dict, method: str, new_tokens: int, seconds: float, stats: G
     rec = dict(id=row["id"], category=category_of(row), method=method, new_tokens=new_tokens, time_s=seconds,
                tokens_per_s=new_tokens / seconds if seconds else 0.0, steps=None, tau=None, drafted_tokens=None,
                nodes_drafted=None, accepted_tokens=None, expected_accepted=None, accepted_per_depth=None,
-               reachable_per_depth=None, verified_per_depth=None, phase_time_s={OUTSIDE: seconds},
+               reachable_per_depth=None, verified_per_depth=None, lookup_nodes=None, phase_time_s={OUTSIDE: seconds},
                stop_reason=None, identical=identical, peak_memory_bytes=peak_bytes)
     if stats is not None:
         phases = {k: float(stats.time_s.get(k, 0.0)) for k in PHASES}
         phases[OUTSIDE] = seconds - sum(phases.values())
         rec.update(steps=stats.steps, tau=(new_tokens - 1) / stats.steps if stats.steps else None,
-                   drafted_tokens=stats.drafted_tokens, nodes_drafted=stats.nodes_drafted,
+                   drafted_tokens=stats.drafted_tokens, nodes_drafted=stats.nodes_drafted, lookup_nodes=stats.lookup_nodes,
                    accepted_tokens=stats.accepted_tokens, expected_accepted=stats.expected_accepted,
                    accepted_per_depth=list(stats.accepted_per_depth), reachable_per_depth=list(stats.reachable_per_depth),
                    verified_per_depth=list(stats.verified_per_depth), phase_time_s=phases, stop_reason=stats.stop_reason)
@@ -290,7 +290,7 @@ def aggregate(records: list[dict]) -> dict:
         steps=steps if stepped else None,
         nodes_per_step=drafted / steps if steps else None,
         drafted_per_step=nodes / steps if steps else None,
-        pruned_fraction=1 - drafted / nodes if nodes else None,
+        pruned_fraction=1 - (drafted - sum(r.get("lookup_nodes") or 0 for r in records)) / nodes if nodes else None,
         accepted_tokens=accepted if steps else None,
         expected_accepted=round(sum(r["expected_accepted"] for r in records), 2) if steps else None,
         identical=identical,

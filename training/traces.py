@@ -146,6 +146,10 @@ def collect(decoder, prompts: list[dict], out_dir: Path, settings: dict, shard_p
     """
     from tqdm import tqdm
 
+    if decoder.config.tree_search.lookup_tokens:
+        raise ConfigError("traces record what the draft proposes and how verification decides it; the "
+                          "prompt-lookup branch would add nodes the draft never drafted. Fix: set "
+                          "tree_search.lookup_tokens=0 for trace collection (configs/collect_traces does)")
     out_dir.mkdir(parents=True, exist_ok=True)
     identity = trace_identity(decoder)
     greedy = decoder.config.decoding.greedy
