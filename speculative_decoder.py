@@ -31,7 +31,7 @@ from models.config import SpeculativeDecodingConfig
 from models.draft_tree_search import DraftTreeSearch, TreeShape
 from models.drafter import Drafter, HFDrafter, target_features
 from models.errors import ConfigError, InputError, ModelLoadError, NumericalError
-from models.lookup import PromptLookup, add_lookup_branch
+from models.lookup import PromptLookup, add_lookup_branch, next_lookup_span
 from models.loading import (check_device, check_same_vocabulary, context_length, eos_token_ids,  # noqa: F401
                             load_draft, load_model, load_tokenizer, module_device, resolve_checkpoint,
                             resolve_model_path)
@@ -322,6 +322,7 @@ class SpeculativeDecoder:
         t = self.config.tree_search
         lookup_tokens = t.lookup_tokens if search is not None else 0
         lookup = PromptLookup(input_ids[0].tolist(), t.lookup_max_ngram, t.lookup_min_ngram) if lookup_tokens else None
+        span = lookup_tokens  # copy mode: grows while whole copies are accepted (tree_search.lookup_max_tokens)
 
         # 0. Prefill: the target's last logits give the first token (the first root).
         cache = new_cache(self.target_model)
@@ -369,8 +370,10 @@ class SpeculativeDecoder:
             else:  # what the verified nodes are expected to yield: the sum of their path probabilities
                 expected = float(tree.path_probs()[1:].sum()) if tree.num_drafted else 0.0
             policy_nodes = len(tree)  # the nodes the policy chose; a lookup branch is appended after them
+            copy = []
             if lookup is not None and room > 0:
-                added = add_lookup_branch(tree, lookup.propose(min(lookup_tokens, room)))
+                copy = lookup.propose(min(span, room))
+                added = add_lookup_branch(tree, copy)
                 stats.lookup_nodes += added
                 timer.lap("draft")
             # 4. Verify: one target forward over root + nodes.
@@ -402,6 +405,7 @@ class SpeculativeDecoder:
             if lookup is not None:
                 stats.lookup_accepted += min(len(path) - 1, len(emitted)) - min(policy_accepted, len(emitted))
                 lookup.extend(emitted)
+                span = next_lookup_span(span, copy, tree.tokens[path[1:]].tolist(), lookup_tokens, t.lookup_max_tokens)
             root = nxt
             timer.lap("other")
             yield emitted, stats

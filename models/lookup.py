@@ -7,7 +7,10 @@ recent earlier occurrence of the context's last n tokens (the longest n in
 decoding, Saxena 2023; the n-gram source of REST / Lookahead decoding). ``add_lookup_branch`` merges
 that chain into the draft tree after the tree policy has pruned it: where the chain agrees with
 drafted nodes it walks down them, the rest becomes new nodes. Costs: no model forward, a dictionary
-lookup per step, and up to ``lookup_tokens`` more nodes in the one verify forward.
+lookup per step, and up to ``lookup_tokens`` more nodes in the one verify forward. Copy mode
+(``next_lookup_span``, ``tree_search.lookup_max_tokens``) doubles the span after each copy accepted
+whole, up to ``lookup_max_tokens``, and drops back to ``lookup_tokens`` at the first miss: long
+verbatim copies pay for long chains, and other steps do not.
 
 Lossless: verification is unchanged. The added nodes are deterministic proposals (they depend on the
 context only), flagged in ``DraftTree.fixed``; greedy verification treats every node alike, and
@@ -54,6 +57,20 @@ class PromptLookup:
             if start is not None:
                 return self.tokens[start:start + max_tokens]
         return []
+
+
+def next_lookup_span(span: int, copy: list[int], accepted: list[int], base: int, max_span: int) -> int:
+    """Copy mode: the next step's lookup span. A copy accepted whole (every proposed token on the
+    accepted path) doubles the span up to ``max_span`` (a long verbatim span is being copied: summaries
+    quoting their article, answers repeating a retrieved passage); a copy cut short falls back to
+    ``base``; no copy (no match) keeps it. ``max_span`` <= ``base`` keeps the span fixed."""
+    if max_span <= base:
+        return base
+    if not copy:
+        return span
+    if accepted[:len(copy)] == copy:
+        return min(2 * span, max_span) if len(copy) == span else span  # shorter: the text ran out, not the copy
+    return base
 
 
 def add_lookup_branch(tree: DraftTree, chain: list[int]) -> int:

@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_model
 from models.errors import ConfigError
-from models.lookup import PromptLookup, add_lookup_branch
+from models.lookup import PromptLookup, add_lookup_branch, next_lookup_span
 from models.tree import DraftTree
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
 
@@ -63,6 +63,17 @@ def test_merge_walks_drafted_nodes_then_appends_fixed_chain():
     assert kept.tokens.tolist() == [3, 4, 5, 9, 9] and kept.fixed.tolist() == [False, False, False, True, True]
 
 
+def test_copy_mode_span_doubles_on_whole_copies_and_resets_on_a_miss():
+    grow = lambda span, copy, accepted: next_lookup_span(span, copy, accepted, base=4, max_span=16)
+    assert grow(4, [1, 2, 3, 4], [1, 2, 3, 4]) == 8  # whole copy accepted: double
+    assert grow(8, [1] * 8, [1] * 8 + [5]) == 16  # more accepted than copied (draft nodes below): still whole
+    assert grow(16, [1] * 16, [1] * 16) == 16  # capped
+    assert grow(16, [1, 2, 3], [1, 2, 3]) == 16  # a shorter copy (text ran out) accepted whole: keep
+    assert grow(16, [1, 2, 3, 4], [1, 2, 9]) == 4  # a miss: back to the base span
+    assert grow(8, [], [7, 7]) == 8  # no match this step: keep
+    assert next_lookup_span(4, [1, 2, 3, 4], [1, 2, 3, 4], base=4, max_span=0) == 4  # copy mode off
+
+
 def _config(base, lookup_tokens, **search):
     return dataclasses.replace(
         base, decoding=dataclasses.replace(base.decoding, method="tree", do_sample=False),
@@ -78,19 +89,28 @@ def test_lookup_adds_accepted_tokens_and_stays_exact(default_config):
     draft = tiny_model("llama", seed=7)
     plain = SpeculativeDecoder.from_models(target, draft, None, _config(default_config, 0))
     looked = SpeculativeDecoder.from_models(target, draft, None, _config(default_config, 8))
-    forwards = {0: 0, 8: 0}
+    short = SpeculativeDecoder.from_models(target, draft, None, _config(default_config, 2))
+    copying = SpeculativeDecoder.from_models(target, draft, None, _config(default_config, 2, lookup_max_tokens=16))
+    forwards = {0: 0, 8: 0, 2: 0, "copy": 0}
     lookup_accepted = 0
     for prompt in ([5, 9, 5, 9, 5], [11, 12, 13], [40, 2, 40, 2, 40, 2]):
         ids = torch.tensor([prompt])
         a, sa = plain.generate(ids, max_new_tokens=48)
         b, sb = looked.generate(ids, max_new_tokens=48)
-        assert a.tolist() == b.tolist()
+        d, sd = short.generate(ids, max_new_tokens=48)
+        c, sc = copying.generate(ids, max_new_tokens=48)
+        assert a.tolist() == b.tolist() == d.tolist() == c.tolist()
         assert sa.lookup_nodes == 0 and sa.lookup_accepted == 0
         forwards[0] += sa.target_forwards
         forwards[8] += sb.target_forwards
+        forwards[2] += sd.target_forwards
+        forwards["copy"] += sc.target_forwards
         lookup_accepted += sb.lookup_accepted
-        assert sb.lookup_accepted <= sb.accepted_tokens and sb.lookup_nodes <= sb.drafted_tokens
+        for s in (sb, sc):
+            assert s.lookup_accepted <= s.accepted_tokens and s.lookup_nodes <= s.drafted_tokens
     assert lookup_accepted > 0 and forwards[8] < forwards[0]
+    # copy mode starts at 2 tokens and doubles through the loops: fewer forwards than a fixed 2
+    assert forwards["copy"] < forwards[2]
 
 
 def test_lookup_config_is_validated(default_config):
@@ -98,7 +118,13 @@ def test_lookup_config_is_validated(default_config):
         SpeculativeDecodingConfig.from_overrides(["tree_search.lookup_tokens=-1"])
     with pytest.raises(ConfigError, match="lookup_min_ngram"):
         SpeculativeDecodingConfig.from_overrides(["tree_search.lookup_min_ngram=4", "tree_search.lookup_max_ngram=2"])
+    with pytest.raises(ConfigError, match="lookup_max_tokens"):
+        SpeculativeDecodingConfig.from_overrides(["tree_search.lookup_tokens=4", "tree_search.lookup_max_tokens=3"])
     cfg = SpeculativeDecodingConfig.from_overrides([])
+    cfg.tree_search.lookup_max_tokens = 1  # below lookup_tokens, set after the config was built
+    with pytest.raises(ConfigError, match="lookup_max_tokens"):
+        cfg.validate()
+    cfg.tree_search.lookup_max_tokens = 0
     cfg.tree_search.lookup_min_ngram = 0  # set after the config was built: refused at use
     with pytest.raises(ConfigError, match="lookup_min_ngram"):
         cfg.validate()
