@@ -29,7 +29,7 @@ def test_products_are_right_and_batch_invariant(k, n):
         ref = x.double() @ w.double().t() + (0 if bias is None else bias.double())
         assert y.dtype == torch.float32 and y.shape == (41, n)
         assert (y.double() - ref).abs().max().item() < 2e-6 * k ** 0.5 * 16
-        for start, rows in [(0, 1), (3, 2), (5, 3), (7, 4), (11, 7), (0, 8), (2, 9), (1, 16), (9, 17), (0, 33)]:
+        for start, rows in [(0, 1), (3, 2), (5, 3), (7, 4), (4, 5), (6, 6), (11, 7), (0, 8), (2, 9), (1, 16), (9, 17), (0, 33)]:
             part = invariant_gemm.linear(x[start:start + rows], packed, n, bias)
             assert torch.equal(part, y[start:start + rows]), (rows, start)  # bitwise, not close
     three_d = invariant_gemm.linear(x[:12].reshape(3, 4, k), packed, n)
