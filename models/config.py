@@ -90,7 +90,7 @@ class TreeSearchConfig:
     lookup_tokens: int
     lookup_max_ngram: int
     lookup_min_ngram: int
-    lookup_max_tokens: int = 0  # copy mode: the span doubles after a fully accepted copy, up to this (0 = fixed span)
+    lookup_max_tokens: int = 8  # copy mode: the span doubles after a fully accepted copy, up to this (<= lookup_tokens: fixed)
 
     def __post_init__(self):
         _check(self.mode in TREE_MODES, "tree_search.mode", self.mode, f"one of {TREE_MODES}")
@@ -102,8 +102,8 @@ class TreeSearchConfig:
         _check(self.lookup_tokens >= 0, "tree_search.lookup_tokens", self.lookup_tokens, "must be >= 0 (0 = off)")
         _check(1 <= self.lookup_min_ngram <= self.lookup_max_ngram, "tree_search.lookup_min_ngram",
                (self.lookup_min_ngram, self.lookup_max_ngram), "needs 1 <= lookup_min_ngram <= lookup_max_ngram")
-        _check(self.lookup_max_tokens == 0 or self.lookup_max_tokens >= self.lookup_tokens, "tree_search.lookup_max_tokens",
-               self.lookup_max_tokens, f"must be 0 (fixed span) or >= lookup_tokens ({self.lookup_tokens})")
+        _check(self.lookup_max_tokens >= 0, "tree_search.lookup_max_tokens", self.lookup_max_tokens,
+               "must be >= 0 (<= lookup_tokens: a fixed span)")
         if self.mode == "static":
             b = list(self.branching)
             _check(len(b) >= self.max_depth and all(x >= 1 for x in b), "tree_search.branching", b,

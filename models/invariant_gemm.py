@@ -136,6 +136,27 @@ def _build(cxx: str, path: Path) -> None:
     os.replace(tmp, path)  # atomic: a parallel process sees the old state or the whole library
 
 
+def _declare(lib) -> None:
+    """The entry points' C signatures (ctypes needs them for 64-bit longs and pointers)."""
+    ptr, n = ctypes.c_void_p, ctypes.c_long
+    lib.treespec_linear.argtypes = [ptr, n, n, ptr, n, ptr, ptr, ctypes.c_int]
+    lib.treespec_linear.restype = ctypes.c_int
+    lib.treespec_pack.argtypes = [ptr, n, n, ptr]
+    lib.treespec_pack.restype = ctypes.c_int
+    lib.treespec_packed_floats.argtypes = [n, n]
+    lib.treespec_packed_floats.restype = n
+    lib.treespec_linear_bf16.argtypes = [ptr, n, n, ptr, n, ptr, ptr, ptr, ctypes.c_int]
+    lib.treespec_linear_bf16.restype = ctypes.c_int
+    lib.treespec_pack_bf16.argtypes = [ptr, n, n, ptr]
+    lib.treespec_pack_bf16.restype = ctypes.c_int
+    lib.treespec_packed_bf16.argtypes = [n, n]
+    lib.treespec_packed_bf16.restype = n
+    for name in ("treespec_attention_f32", "treespec_attention_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ptr, n, n, ptr, n, n, ptr, n, n, ptr, n, ptr, n, n, n, n, n, ctypes.c_float, ctypes.c_int]
+        fn.restype = ctypes.c_int
+
+
 def load(cache_dir=None):
     """The loaded kernel library (built on first use); raises ``KernelUnavailable`` saying why not."""
     global _lib, _error
@@ -166,25 +187,66 @@ def load(cache_dir=None):
             except (OSError, KernelUnavailable) as again:
                 _error = f"loading the invariant kernel failed: {exc}; rebuilding: {again}"
                 raise KernelUnavailable(_error) from again
-        ptr, n = ctypes.c_void_p, ctypes.c_long
-        lib.treespec_linear.argtypes = [ptr, n, n, ptr, n, ptr, ptr, ctypes.c_int]
-        lib.treespec_linear.restype = ctypes.c_int
-        lib.treespec_pack.argtypes = [ptr, n, n, ptr]
-        lib.treespec_pack.restype = ctypes.c_int
-        lib.treespec_packed_floats.argtypes = [n, n]
-        lib.treespec_packed_floats.restype = n
-        lib.treespec_linear_bf16.argtypes = [ptr, n, n, ptr, n, ptr, ptr, ptr, ctypes.c_int]
-        lib.treespec_linear_bf16.restype = ctypes.c_int
-        lib.treespec_pack_bf16.argtypes = [ptr, n, n, ptr]
-        lib.treespec_pack_bf16.restype = ctypes.c_int
-        lib.treespec_packed_bf16.argtypes = [n, n]
-        lib.treespec_packed_bf16.restype = n
-        for name in ("treespec_attention_f32", "treespec_attention_bf16"):
-            fn = getattr(lib, name)
-            fn.argtypes = [ptr, n, n, ptr, n, n, ptr, n, n, ptr, n, ptr, n, n, n, n, n, ctypes.c_float, ctypes.c_int]
-            fn.restype = ctypes.c_int
+        _declare(lib)
         _lib = lib
         return lib
+
+
+def build_revision(rev: str, cache_dir=None):
+    """The kernel library as built from git revision ``rev``'s sources (for A/B timing of kernel
+    changes: ``scripts/bench_kernels.py`` kernel ``invariant@<rev>``). Raises ``KernelUnavailable``
+    when the revision has no such sources or its packed layout differs from this checkout's."""
+    from models.demo_pair import cache_root
+
+    repo = SOURCE.parents[2]
+    texts = []
+    for src in SOURCES:
+        rel = src.relative_to(repo).as_posix()
+        try:
+            done = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{rel}"], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise KernelUnavailable(f"reading {rel} at revision {rev!r} with git failed: {exc}") from exc
+        if done.returncode != 0:
+            raise KernelUnavailable(f"git revision {rev!r} has no {rel}: {done.stderr.decode()[-300:].strip()}")
+        texts.append(done.stdout)
+    cxx = compiler()
+    if cxx is None or isa() is None:
+        raise KernelUnavailable("no C++ compiler or no AVX2/AVX-512 here")
+    digest = hashlib.sha256(b"".join(texts) + " ".join(flags()).encode()).hexdigest()[:12]
+    out = cache_root(cache_dir) / "kernels" / f"invariant_gemm-rev-{digest}.so"
+    if not out.is_file():
+        src_dir = out.with_suffix("")
+        src_dir.mkdir(parents=True, exist_ok=True)
+        for src, text in zip(SOURCES, texts):
+            (src_dir / src.name).write_bytes(text)
+        done = subprocess.run([cxx, *flags(), "-o", str(out), str(src_dir / SOURCE.name)], capture_output=True,
+                              text=True, timeout=300)
+        if done.returncode != 0:
+            raise KernelUnavailable(f"compiling revision {rev}'s kernel failed:\n{done.stderr[-2000:]}")
+    lib = ctypes.CDLL(str(out))
+    _declare(lib)
+    here = load()
+    for n, k in ((576, 576), (49, 130), (33, 1536)):
+        if lib.treespec_packed_floats(n, k) != here.treespec_packed_floats(n, k):
+            raise KernelUnavailable(f"revision {rev}'s kernel packs weights differently: not comparable")
+    return lib
+
+
+class use_library:
+    """``with use_library(lib):`` route every kernel call to ``lib`` (from ``build_revision``)."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def __enter__(self):
+        global _lib
+        load()
+        self.saved, _lib = _lib, self.lib
+        return self.lib
+
+    def __exit__(self, *exc):
+        global _lib
+        _lib = self.saved
 
 
 def available(cache_dir=None) -> bool:

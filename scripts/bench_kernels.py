@@ -2,6 +2,7 @@
 
     python scripts/bench_kernels.py                                    # mkl, onednn, invariant; 1-32 rows
     python scripts/bench_kernels.py "bench_kernels.kernels=[mkl,invariant,compile]" "bench_kernels.rows=[1,4,8,16]"
+    python scripts/bench_kernels.py "bench_kernels.kernels=[invariant@3bf8ca6,invariant]"  # A/B a kernel change
 
 For every distinct (in, out) shape of the target's ``nn.Linear`` layers (read from its config and
 modules; weights are random) it times ``copies`` products per call, so weights stream from memory as
@@ -9,7 +10,8 @@ in a real forward, at each row count, kernels one after another in this process.
 shape (ms per call and GB/s of weights read) and writes ``bench_kernels-<time>.json`` with provenance.
 ``compile`` is torch.compile with freezing and max-autotune (inductor's C++ GEMM template): it
 compiles once per row count, minutes on two cores. Returns the invariant kernel's one-row time over
-MKL's for the largest shape (lower is better).
+MKL's for the largest shape (lower is better). ``invariant@<git rev>`` is the invariant kernel built from
+that revision's sources (same packed layout, checked), to time a kernel change against its predecessor.
 """
 
 import json
@@ -56,12 +58,21 @@ def time_kernel(kernel: str, k: int, n: int, copies: int, rows: list[int], repea
 
     torch.manual_seed(0)
     module = _Set(k, n, copies).eval().requires_grad_(False)
-    if kernel in ("onednn", "invariant"):
-        set_linear_kernel(module, kernel)
+    library = None
+    if kernel.startswith("invariant@"):
+        from models import invariant_gemm
+
+        library = invariant_gemm.build_revision(kernel.split("@", 1)[1])
+    if kernel in ("onednn", "invariant") or library is not None:
+        set_linear_kernel(module, "invariant" if library is not None else kernel)
     out = {}
     with torch.no_grad():
         for m in rows:
             fn = module
+            if library is not None:
+                def fn(x, library=library):
+                    with invariant_gemm.use_library(library):
+                        return module(x)
             if kernel == "compile":
                 import torch._inductor.config as inductor
 
@@ -81,16 +92,17 @@ def run(cfg: DictConfig) -> dict:
 
     b = cfg.bench_kernels
     kernels, rows = list(b.kernels), sorted({int(r) for r in b.rows})
-    if not kernels or set(kernels) - set(KERNELS):
-        raise ConfigError(f"bench_kernels.kernels must be a non-empty list of {KERNELS}, got {kernels}")
+    if not kernels or {k for k in kernels if not k.startswith("invariant@")} - set(KERNELS):
+        raise ConfigError(f"bench_kernels.kernels must be a non-empty list of {KERNELS} or invariant@<git rev>, "
+                          f"got {kernels}")
     if not rows or rows[0] < 1:
         raise ConfigError(f"bench_kernels.rows must be positive row counts, got {list(b.rows)}")
     if "onednn" in kernels and not onednn_available():
         print("skip onednn: this torch build has no oneDNN linear kernel")
         kernels.remove("onednn")
-    if "invariant" in kernels and not invariant_gemm.available():
+    if any(k.startswith("invariant") for k in kernels) and not invariant_gemm.available():
         print("skip invariant: the kernel cannot run here (no AVX-512 or no C++ compiler)")
-        kernels.remove("invariant")
+        kernels = [k for k in kernels if not k.startswith("invariant")]
     m = cfg.model
     target = load_model(resolve_model_path(m.target_model_name, m.cache_dir, cfg.data_dir), "cpu", "float32",
                         m.attn_implementation, "mkl")
@@ -102,10 +114,10 @@ def run(cfg: DictConfig) -> dict:
         c = 1 if count == 1 else copies  # a shape used once (the lm_head) is timed once
         megabytes = c * k * n * 4 / 1e6
         print(f"\n[{k} -> {n}] x {c} ({megabytes:.0f} MB of fp32 weights per call; {count} in the target)")
-        print(f"{'kernel':>10} " + " ".join(f"{r:>8} rows" for r in rows))
+        print(f"{'kernel':>18} " + " ".join(f"{r:>8} rows" for r in rows))
         for kernel in kernels:
             ms = time_kernel(kernel, k, n, c, rows, int(b.repeats))
-            print(f"{kernel:>10} " + " ".join(f"{ms[r]:8.2f} ms " for r in rows)
+            print(f"{kernel:>18} " + " ".join(f"{ms[r]:8.2f} ms " for r in rows)
                   + f"  ({megabytes / ms[rows[0]]:.0f} GB/s at {rows[0]} row{'s' if rows[0] > 1 else ''})")
             results.append(dict(shape=[k, n], copies=c, layers_in_target=count, kernel=kernel,
                                 ms={str(r): ms[r] for r in rows}))

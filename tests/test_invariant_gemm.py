@@ -175,6 +175,26 @@ def test_config_and_loading(tmp_path):
 
 
 @needs_kernel
+def test_a_revisions_kernel_builds_and_takes_over_the_calls(tmp_path):
+    """bench_kernels' invariant@<rev>: the kernel as built from a git revision's sources, swapped in."""
+    import shutil
+    if shutil.which("git") is None or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                                    cwd=invariant_gemm.SOURCE.parent).returncode != 0:
+        pytest.skip("not a git checkout")
+    lib = invariant_gemm.build_revision("HEAD", cache_dir=tmp_path)
+    w, x = torch.randn(40, 70), torch.randn(9, 70)
+    packed = invariant_gemm.pack(w)
+    here = invariant_gemm.linear(x, packed, 40)
+    with invariant_gemm.use_library(lib) as used:
+        assert invariant_gemm._lib is used is lib
+        there = invariant_gemm.linear(x, packed, 40)
+    assert invariant_gemm._lib is not lib
+    assert (there.double() - x.double() @ w.double().t()).abs().max() < 1e-4
+    with pytest.raises(invariant_gemm.KernelUnavailable, match="no-such-revision"):
+        invariant_gemm.build_revision("no-such-revision", cache_dir=tmp_path)
+
+
+@needs_kernel
 def test_frozen_weights_of_a_head_run_on_the_kernel_too():
     from models.eagle import EagleConfig, EagleHead
     from models.fast_linear import frozen_linear

@@ -75,6 +75,7 @@ def test_copy_mode_span_doubles_on_whole_copies_and_resets_on_a_miss():
 
 
 def _config(base, lookup_tokens, **search):
+    search.setdefault("lookup_max_tokens", 0)  # a fixed span unless a test asks for copy mode
     return dataclasses.replace(
         base, decoding=dataclasses.replace(base.decoding, method="tree", do_sample=False),
         tree_search=dataclasses.replace(base.tree_search, mode="dynamic", max_depth=3, max_candidates=2, max_nodes=6,
@@ -119,9 +120,10 @@ def test_lookup_config_is_validated(default_config):
     with pytest.raises(ConfigError, match="lookup_min_ngram"):
         SpeculativeDecodingConfig.from_overrides(["tree_search.lookup_min_ngram=4", "tree_search.lookup_max_ngram=2"])
     with pytest.raises(ConfigError, match="lookup_max_tokens"):
-        SpeculativeDecodingConfig.from_overrides(["tree_search.lookup_tokens=4", "tree_search.lookup_max_tokens=3"])
+        SpeculativeDecodingConfig.from_overrides(["tree_search.lookup_max_tokens=-1"])
+    assert SpeculativeDecodingConfig.from_overrides(["tree_search.lookup_tokens=10"]).tree_search.lookup_max_tokens == 8
     cfg = SpeculativeDecodingConfig.from_overrides([])
-    cfg.tree_search.lookup_max_tokens = 1  # below lookup_tokens, set after the config was built
+    cfg.tree_search.lookup_max_tokens = -2  # set after the config was built
     with pytest.raises(ConfigError, match="lookup_max_tokens"):
         cfg.validate()
     cfg.tree_search.lookup_max_tokens = 0
