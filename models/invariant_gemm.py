@@ -122,17 +122,17 @@ def _library_path(cxx: str, cache_dir) -> Path:
     return cache_root(cache_dir) / "kernels" / f"invariant_gemm-{digest}.so"
 
 
-def _build(cxx: str, path: Path) -> None:
+def _build(cxx: str, path: Path, source: Path = SOURCE) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.so")
     try:
-        done = subprocess.run([cxx, *flags(), "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
+        done = subprocess.run([cxx, *flags(), "-o", str(tmp), str(source)], capture_output=True, text=True,
                               timeout=300)
     except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelUnavailable(f"compiling {SOURCE.name} with {cxx} failed: {exc}") from exc
+        raise KernelUnavailable(f"compiling {source.name} with {cxx} failed: {exc}") from exc
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise KernelUnavailable(f"compiling {SOURCE.name} with {cxx} failed:\n{done.stderr[-2000:]}")
+        raise KernelUnavailable(f"compiling {source.name} with {cxx} failed:\n{done.stderr[-2000:]}")
     os.replace(tmp, path)  # atomic: a parallel process sees the old state or the whole library
 
 
@@ -219,10 +219,7 @@ def build_revision(rev: str, cache_dir=None):
         src_dir.mkdir(parents=True, exist_ok=True)
         for src, text in zip(SOURCES, texts):
             (src_dir / src.name).write_bytes(text)
-        done = subprocess.run([cxx, *flags(), "-o", str(out), str(src_dir / SOURCE.name)], capture_output=True,
-                              text=True, timeout=300)
-        if done.returncode != 0:
-            raise KernelUnavailable(f"compiling revision {rev}'s kernel failed:\n{done.stderr[-2000:]}")
+        _build(cxx, out, src_dir / SOURCE.name)
     lib = ctypes.CDLL(str(out))
     _declare(lib)
     here = load()

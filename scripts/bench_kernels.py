@@ -65,14 +65,15 @@ def time_kernel(kernel: str, k: int, n: int, copies: int, rows: list[int], repea
         library = invariant_gemm.build_revision(kernel.split("@", 1)[1])
     if kernel in ("onednn", "invariant") or library is not None:
         set_linear_kernel(module, "invariant" if library is not None else kernel)
+    call = module
+    if library is not None:
+        def call(x):
+            with invariant_gemm.use_library(library):
+                return module(x)
     out = {}
     with torch.no_grad():
         for m in rows:
-            fn = module
-            if library is not None:
-                def fn(x, library=library):
-                    with invariant_gemm.use_library(library):
-                        return module(x)
+            fn = call
             if kernel == "compile":
                 import torch._inductor.config as inductor
 

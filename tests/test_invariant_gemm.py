@@ -184,7 +184,6 @@ def test_a_revisions_kernel_builds_and_takes_over_the_calls(tmp_path):
     lib = invariant_gemm.build_revision("HEAD", cache_dir=tmp_path)
     w, x = torch.randn(40, 70), torch.randn(9, 70)
     packed = invariant_gemm.pack(w)
-    here = invariant_gemm.linear(x, packed, 40)
     with invariant_gemm.use_library(lib) as used:
         assert invariant_gemm._lib is used is lib
         there = invariant_gemm.linear(x, packed, 40)
