@@ -23,7 +23,7 @@ from scipy.stats import chisquare
 import models.verification as verification
 from conftest import tiny_model
 from models.draft_tree_search import DraftTreeSearch, TreeShape
-from models.lookup import PromptLookup, add_lookup_branch
+from models.lookup import PromptLookup, add_lookup_branch, next_lookup_span
 from models.drafter import Drafter
 from models.sampling import logits_to_probs
 from models.tree import DraftTree
@@ -64,23 +64,29 @@ class TableDrafter(Drafter):
         self.context += tuple(tree.tokens[path].tolist())
 
 
-def speculative_sample(table, search, to_probs, prompt, root, generator, lookup: int = 0) -> tuple[int, ...]:
+def speculative_sample(table, search, to_probs, prompt, root, generator, lookup: int = 0,
+                       lookup_max: int = 0) -> tuple[int, ...]:
     """The decoder's loop (steps 1, 4, 5) without KV caches: the first HORIZON tokens after root.
-    ``lookup`` > 0 adds the prompt-lookup branch of that many tokens to every tree (as the decoder does)."""
+    ``lookup`` > 0 adds the prompt-lookup branch of that many tokens to every tree (as the decoder does);
+    ``lookup_max`` > ``lookup``: copy mode, the span follows ``next_lookup_span`` as in the decoder."""
     drafter = TableDrafter(table)
     drafter.prefill(torch.tensor([prompt]))
     history = PromptLookup(prompt + [root], max_ngram=2, min_ngram=1)
     out = []
+    span = lookup
     while len(out) < HORIZON:
         tree = search.grow(drafter, root, search.shape.max_depth, generator)
+        copy = history.propose(span) if lookup else []
         if lookup:
-            add_lookup_branch(tree, history.propose(lookup))
+            add_lookup_branch(tree, copy)
         logits = torch.stack([table(drafter.context + tuple(tree.tokens[tree.path_to(i)].tolist()))[0]
                               for i in range(len(tree))])
         path, nxt = verify_sampling(tree, logits, to_probs, search.child_draw, generator)
         drafter.commit(tree, path)
         out += tree.tokens[path[1:]].tolist() + [nxt]
         history.extend(tree.tokens[path[1:]].tolist() + [nxt])
+        if lookup:
+            span = next_lookup_span(span, copy, tree.tokens[path[1:]].tolist(), lookup, lookup_max)
         root = nxt
     return tuple(out[:HORIZON])
 
@@ -145,8 +151,11 @@ VARIANTS = {
     "chain-lookup": ("static", 2, 1, [1, 1], 2, "iid", 1.0, 0, 1.0),
     "dynamic-iid-lookup": ("dynamic", 2, 2, [2, 2], 4, "iid", 1.0, 0, 1.0),
     "static-without_replacement-lookup": ("static", 2, 2, [2, 1], 4, "without_replacement", 0.8, 3, 1.0),
+    # copy mode: a 1-token lookup span that doubles (to 2, then 4) while whole copies are accepted
+    "dynamic-iid-copy": ("dynamic", 2, 2, [2, 2], 4, "iid", 1.0, 0, 1.0),
 }
 LOOKUP_TOKENS = 3  # for the *-lookup variants; V = 5 tokens, so the context repeats n-grams often
+COPY_SPAN = (1, 4)  # for the *-copy variants: lookup_tokens, lookup_max_tokens
 
 
 def run_variant(name: str, n: int = N, seed: int = 0):
@@ -156,8 +165,9 @@ def run_variant(name: str, n: int = N, seed: int = 0):
     search = DraftTreeSearch(TreeShape(mode, depth, width, max_nodes, branching), to_probs, draw)
     prompt, root = [3, 1, 4], 2
     generator = torch.Generator().manual_seed(seed)
-    lookup = LOOKUP_TOKENS if name.endswith("-lookup") else 0
-    samples = [speculative_sample(table, search, to_probs, prompt, root, generator, lookup) for _ in range(n)]
+    lookup, lookup_max = (LOOKUP_TOKENS, 0) if name.endswith("-lookup") else COPY_SPAN if name.endswith("-copy") else (0, 0)
+    samples = [speculative_sample(table, search, to_probs, prompt, root, generator, lookup, lookup_max)
+               for _ in range(n)]
     return samples, exact_distribution(table, to_probs, tuple(prompt) + (root,))
 
 
