@@ -28,20 +28,34 @@ from typing import Iterator
 import torch
 
 from models.config import SpeculativeDecodingConfig
-from models.draft_tree_search import DraftTreeSearch, TreeShape
-from models.drafter import Drafter, HFDrafter, target_features
+from models.decoding.drafter import Drafter, HFDrafter, target_features
+from models.decoding.kv_cache import (
+    attention_layout,
+    cache_length,
+    keep_tokens,
+    new_cache,
+)
+from models.decoding.lookup import PromptLookup, add_lookup_branch, next_lookup_span
+from models.decoding.prompts import prompt_ids
+from models.decoding.sampling import logits_to_probs
+from models.decoding.tree import DraftTree
+from models.decoding.tree_search import DraftTreeSearch, TreeShape
+from models.decoding.verification import verify_greedy, verify_sampling
 from models.errors import ConfigError, InputError, ModelLoadError, NumericalError
-from models.lookup import PromptLookup, add_lookup_branch, next_lookup_span
-from models.loading import (check_device, check_same_vocabulary, context_length, eos_token_ids,  # noqa: F401
-                            load_draft, load_model, load_tokenizer, module_device, resolve_checkpoint,
-                            resolve_model_path)
-from models.kv_cache import attention_layout, cache_length, keep_tokens, new_cache
-from models.node_features import StepContext
-from models.node_scorer import NodeScorer
-from models.prompts import prompt_ids
-from models.sampling import logits_to_probs
-from models.tree import DraftTree
-from models.verification import verify_greedy, verify_sampling
+from models.io.loading import (  # noqa: F401
+    check_device,
+    check_same_vocabulary,
+    context_length,
+    eos_token_ids,
+    load_draft,
+    load_model,
+    load_tokenizer,
+    module_device,
+    resolve_checkpoint,
+    resolve_model_path,
+)
+from models.decoding.context import StepContext
+from models.learned.node_scorer import NodeScorer
 
 __all__ = ["SpeculativeDecoder", "SpeculativeDecodingConfig", "GenerationStats", "load_model", "load_tokenizer"]
 
@@ -167,12 +181,12 @@ class SpeculativeDecoder:
         config = config or SpeculativeDecodingConfig()
         m = config.model
         check_device(m.device, m.dtype)  # before loading anything
-        target_path = resolve_model_path(m.target_model_name, m.cache_dir, m.data_dir)
+        target_path = resolve_model_path(m.target_model_name, m.cache_dir)
         tokenizer = load_tokenizer(target_path)
         target = load_model(target_path, m.device, m.dtype, m.attn_implementation, m.cpu_linear)
         draft = None
         if m.draft_model_name and config.decoding.method != "target_only":
-            draft = load_draft(resolve_model_path(m.draft_model_name, m.cache_dir, m.data_dir), target, m)
+            draft = load_draft(resolve_model_path(m.draft_model_name, m.cache_dir), target, m)
         self._setup(target, draft, tokenizer, config)
 
     @classmethod
@@ -220,8 +234,8 @@ class SpeculativeDecoder:
 
     def _load_learned(self, config: SpeculativeDecodingConfig):
         """The alignment and acceptance predictor named in the config, checked against this pair."""
-        from models.acceptance_predictor import load_predictor
-        from models.affine_alignment import load_alignment
+        from models.learned.acceptance_predictor import load_predictor
+        from models.learned.affine_alignment import load_alignment
 
         if self.drafter is None:
             return None, None
@@ -489,7 +503,7 @@ class SpeculativeDecoder:
     def _pruner(self):
         """A fresh TreePruner per generate call (its adaptive state starts over, so a seeded call
         is reproducible); the cost profile is loaded or measured once per decoder."""
-        from models.tree_pruner import TreePruner
+        from models.policy.tree_pruner import TreePruner
 
         p = self.config.pruning
         if p.strategy == "none":
@@ -500,12 +514,12 @@ class SpeculativeDecoder:
         return TreePruner(p, cost)
 
     def _cost_model(self, path: str | None):
-        from models.fast_linear import linear_kernel
+        from models.kernels.fast_linear import linear_kernel
 
         key = ("cost", path, linear_kernel(self.target_model))  # the kernel changes the curves
         if key not in self._learned_cache:
-            from models.cost_model import CostModel
-            from models.cost_profile import NODE_COUNTS, WIDTHS, load_or_profile
+            from models.policy.cost_model import CostModel
+            from models.policy.cost_profile import NODE_COUNTS, WIDTHS, load_or_profile
 
             if path:
                 try:
@@ -514,7 +528,7 @@ class SpeculativeDecoder:
                     raise ModelLoadError(f"cost profile {path} is unreadable: {e}; remake it with "
                                          "scripts/profile_costs.py") from None
             else:
-                from models.demo_pair import cache_root
+                from models.paths import cache_root
 
                 # sizes that fit a short context window beside a cached prefix (the curves extrapolate)
                 room = max(1, self.context_limit // 2)

@@ -10,21 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from models.errors import ConfigError
+from models.paths import CONFIG_DIR
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-REPO_ROOT = CONFIG_DIR.parent
 METHODS = ("target_only", "chain", "tree")
 TREE_MODES = ("static", "dynamic")
 CHILD_DRAWS = ("topk", "iid", "without_replacement")
 DTYPES = ("float32", "bfloat16", "float16")
-CPU_LINEAR = ("auto", "invariant", "hybrid", "mkl", "onednn")  # model.cpu_linear (models/fast_linear.py)
+CPU_LINEAR = ("auto", "invariant", "hybrid", "mkl", "onednn")  # model.cpu_linear (models/kernels/fast_linear.py)
 RANK_BY = ("draft", "predictor")
 PRUNING_STRATEGIES = ("none", "threshold", "adaptive", "level", "ratio", "budget", "cost_aware")
 
@@ -43,7 +41,7 @@ class ModelConfig:
     attn_implementation: Optional[str]
     cache_dir: Optional[str]
     data_dir: str  # prompt sets; the demo draft is distilled on its train-only files
-    cpu_linear: str = "auto"  # CPU linear kernels: auto | invariant | hybrid | mkl | onednn (models/fast_linear.py)
+    cpu_linear: str = "auto"  # CPU linear kernels: auto | invariant | hybrid | mkl | onednn (models/kernels/fast_linear.py)
 
     def __post_init__(self):
         _check(bool(self.target_model_name), "model.target_model_name", self.target_model_name, "must be a local path or 'demo:target'")
@@ -220,7 +218,8 @@ def _structured(cls: type, values, name: str):
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """Compose ``configs/config.yaml`` with Hydra (outside a running Hydra app)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
@@ -234,12 +233,6 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
         raise ConfigError(f"bad config override: {e}") from None
     finally:
         gh.hydra = running
-
-
-def repo_path(path: str | Path) -> Path:
-    """Config paths (``data_dir``, ``output_dir``) are relative to the repo root, whatever the cwd."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else (REPO_ROOT / path).resolve()
 
 
 @lru_cache(maxsize=1)

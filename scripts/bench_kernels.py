@@ -54,13 +54,13 @@ def _median_ms(fn, x, repeats: int) -> float:
 
 
 def time_kernel(kernel: str, k: int, n: int, copies: int, rows: list[int], repeats: int) -> dict[int, float]:
-    from models.fast_linear import set_linear_kernel
+    from models.kernels.fast_linear import set_linear_kernel
 
     torch.manual_seed(0)
     module = _Set(k, n, copies).eval().requires_grad_(False)
     library = None
     if kernel.startswith("invariant@"):
-        from models import invariant_gemm
+        from models.kernels import invariant_gemm
 
         library = invariant_gemm.build_revision(kernel.split("@", 1)[1])
     if kernel in ("onednn", "invariant") or library is not None:
@@ -86,8 +86,8 @@ def time_kernel(kernel: str, k: int, n: int, copies: int, rows: list[int], repea
 
 
 def run(cfg: DictConfig) -> dict:
-    from models.fast_linear import onednn_available
-    from models import invariant_gemm
+    from models.kernels import invariant_gemm
+    from models.kernels.fast_linear import onednn_available
     from speculative_decoder import load_model, resolve_model_path
     from training.provenance import provenance
 
@@ -105,7 +105,7 @@ def run(cfg: DictConfig) -> dict:
         print("skip invariant: the kernel cannot run here (no AVX-512 or no C++ compiler)")
         kernels = [k for k in kernels if not k.startswith("invariant")]
     m = cfg.model
-    target = load_model(resolve_model_path(m.target_model_name, m.cache_dir, cfg.data_dir), "cpu", "float32",
+    target = load_model(resolve_model_path(m.target_model_name, m.cache_dir), "cpu", "float32",
                         m.attn_implementation, "mkl")
     copies = int(b.copies or getattr(target.config, "num_hidden_layers", 1))
     shapes = linear_shapes(target)
@@ -122,7 +122,7 @@ def run(cfg: DictConfig) -> dict:
                   + f"  ({megabytes / ms[rows[0]]:.0f} GB/s at {rows[0]} row{'s' if rows[0] > 1 else ''})")
             results.append(dict(shape=[k, n], copies=c, layers_in_target=count, kernel=kernel,
                                 ms={str(r): ms[r] for r in rows}))
-    from models.config import repo_path
+    from models.paths import repo_path
 
     out_dir = repo_path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ phase, and writes ${output_dir}/benchmark-<time>.json (per-prompt records, per-c
 aggregates, the resolved config and provenance: git commit, package versions, machine) with three
 PNGs next to it (benchmark-<time>-{categories,acceptance_depth,phases}.png). Returns the headline
 number (the tree's overall speedup vs target-only at the first temperature; see
-``training.benchmark_report.headline``), so a Hydra sweeper can optimise it.
+``training.experiments.report.headline``), so a Hydra sweeper can optimise it.
 """
 
 import json
@@ -22,13 +22,28 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from models.config import repo_path
-from speculative_decoder import (SpeculativeDecoder, SpeculativeDecodingConfig, load_model,
-                                 resolve_model_path)
-from training.benchmark import category_of, draft_decoders, run_benchmark, select_prompts
-from training.benchmark_report import headline, make_console, plot_benchmark, print_report
+from models.paths import repo_path
+from speculative_decoder import (
+    SpeculativeDecoder,
+    SpeculativeDecodingConfig,
+    load_model,
+    resolve_model_path,
+)
+from training.drafts.distill import ensure_config_drafts
+from training.experiments.benchmark import (
+    category_of,
+    draft_decoders,
+    run_benchmark,
+    select_prompts,
+)
+from training.experiments.report import (
+    headline,
+    make_console,
+    plot_benchmark,
+    print_report,
+)
+from training.experiments.tracking import start_run
 from training.provenance import provenance
-from training.tracking import start_run
 
 
 def _unique_stem(directory: Path) -> Path:
@@ -42,6 +57,7 @@ def _unique_stem(directory: Path) -> Path:
 
 
 def run(cfg: DictConfig) -> dict:
+    ensure_config_drafts(cfg)  # demo:draft-lm is made once by training, on first use
     b = cfg.benchmark
     config = SpeculativeDecodingConfig.from_hydra(cfg)
     decoder = SpeculativeDecoder(config)
@@ -51,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
     assistant = None
     if "hf_assisted" in b.methods and decoder.draft_model is None and b.get("assistant_model_name"):
         m = config.model  # HF assisted generation needs an HF causal LM: the EAGLE head is not one
-        assistant = load_model(resolve_model_path(b.assistant_model_name, m.cache_dir, m.data_dir), m.device, m.dtype,
+        assistant = load_model(resolve_model_path(b.assistant_model_name, m.cache_dir), m.device, m.dtype,
                                m.attn_implementation, m.cpu_linear)
     per_category = b.get("prompts_per_category")
     prompts, n_warmup = select_prompts(repo_path(cfg.data_dir) / b.prompt_file, b.num_prompts, b.warmup_prompts,

@@ -14,8 +14,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from training.tracking import start_run
-from training.traces import load_traces, run_collect
+from training.experiments.tracking import start_run
+from training.learned.traces import load_traces, run_collect
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

@@ -18,18 +18,23 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from models.config import repo_path
-from models.demo_pair import cache_root
 from models.errors import ConfigError
-from speculative_decoder import (SpeculativeDecoder, SpeculativeDecodingConfig, load_draft, load_model,
-                                 load_tokenizer, resolve_model_path)
-from training import draft_study as study
-from training import teacher_data
-from training.benchmark import run_benchmark, select_prompts
-from training.eval_draft import chain_agreement, eval_continuations, latency
+from models.paths import cache_root, repo_path
+from speculative_decoder import (
+    SpeculativeDecoder,
+    SpeculativeDecodingConfig,
+    load_draft,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+)
+from training.drafts import study, teacher_data
+from training.drafts.distill import ensure_config_drafts
+from training.drafts.evaluate import chain_agreement, eval_continuations, latency
+from training.drafts.train import ensure_teacher, teacher_dir
+from training.experiments.benchmark import run_benchmark, select_prompts
+from training.experiments.tracking import start_run
 from training.provenance import provenance
-from training.tracking import start_run
-from training.train_draft import ensure_teacher, teacher_dir
 
 
 def _check(s) -> None:
@@ -46,6 +51,7 @@ def _check(s) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
+    ensure_config_drafts(cfg)  # demo:draft-lm is made once by training, on first use
     if "draft_study" not in cfg:
         raise ConfigError("no draft_study settings: run `python scripts/draft_study.py experiment=draft_study`")
     if "teacher" not in cfg.draft:
@@ -57,7 +63,7 @@ def run(cfg: DictConfig) -> dict:
     config = SpeculativeDecodingConfig.from_hydra(cfg)
     m = config.model
     cache = cache_root(m.cache_dir)
-    target_dir = resolve_model_path(m.target_model_name, m.cache_dir, m.data_dir)
+    target_dir = resolve_model_path(m.target_model_name, m.cache_dir)
     target = load_model(target_dir, m.device, m.dtype, m.attn_implementation, m.cpu_linear)
     tokenizer = load_tokenizer(target_dir)
     counts = study.check_equal_budget(target, shapes, float(s.param_tolerance))
@@ -78,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
     # Measurement: one decoder per draft, sharing the target.
     drafts = {name: load_draft(path, target, m) for name, (path, _) in trained.items()}
     if s.get("reference"):
-        drafts["reference"] = load_draft(resolve_model_path(s.reference, m.cache_dir, m.data_dir), target, m)
+        drafts["reference"] = load_draft(resolve_model_path(s.reference, m.cache_dir), target, m)
     decoders = {name: SpeculativeDecoder.from_models(target, d, tokenizer, config) for name, d in drafts.items()}
     evalsets = {}  # the continuations, with the target states each draft reads (feature_layers)
     e = cfg.eval_draft

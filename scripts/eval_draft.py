@@ -16,15 +16,17 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from models.config import repo_path
+from models.paths import repo_path
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
-from training.benchmark import format_table, load_prompts, run_benchmark
-from training.eval_draft import chain_agreement, eval_continuations, latency
+from training.drafts.distill import ensure_config_drafts
+from training.drafts.evaluate import chain_agreement, eval_continuations, latency
+from training.experiments.benchmark import format_table, load_prompts, run_benchmark
+from training.experiments.tracking import start_run
 from training.provenance import provenance
-from training.tracking import start_run
 
 
 def run(cfg: DictConfig) -> dict:
+    ensure_config_drafts(cfg)  # demo:draft-lm is made once by training, on first use
     e = cfg.eval_draft
     config = SpeculativeDecodingConfig.from_hydra(cfg)
     decoder = SpeculativeDecoder(config)

@@ -18,9 +18,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from speculative_decoder import GenerationStats, SpeculativeDecoder, SpeculativeDecodingConfig
+from speculative_decoder import (
+    GenerationStats,
+    SpeculativeDecoder,
+    SpeculativeDecodingConfig,
+)
+from training.drafts.distill import ensure_config_drafts
+from training.experiments.tracking import start_run
 from training.provenance import provenance
-from training.tracking import start_run
 
 
 def summary(stats: GenerationStats) -> dict:
@@ -60,6 +65,7 @@ def format_summary(s: dict, compare: dict | None = None) -> str:
 
 
 def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
+    ensure_config_drafts(cfg)  # demo:draft-lm is made once by training, on first use
     config = SpeculativeDecodingConfig.from_hydra(cfg)
     decoder = SpeculativeDecoder(config)
     with start_run(cfg, "generate") as tracker:

@@ -14,7 +14,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from models.demo_pair import MARKER, ensure_demo_draft
+from models.io.demo_pair import MARKER
+from training.drafts.distill import ensure_demo_draft
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

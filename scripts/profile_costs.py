@@ -13,9 +13,10 @@ holds) and a PNG plot next to it. Returns verify(16) / verify(1).
 import hydra
 from omegaconf import DictConfig
 
+from models.policy.cost_profile import cost_file, load_or_profile, plot_costs
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
-from models.cost_profile import cost_file, load_or_profile, plot_costs
-from training.tracking import start_run
+from training.drafts.distill import ensure_config_drafts
+from training.experiments.tracking import start_run
 
 
 def verify_ratio(model) -> float:
@@ -25,6 +26,7 @@ def verify_ratio(model) -> float:
 
 
 def run(cfg: DictConfig):
+    ensure_config_drafts(cfg)  # demo:draft-lm is made once by training, on first use
     p = cfg.profile_costs
     decoder = SpeculativeDecoder(SpeculativeDecodingConfig.from_hydra(cfg))
     sizes = dict(context=int(p.context), node_counts=[int(n) for n in p.node_counts],

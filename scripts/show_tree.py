@@ -9,7 +9,7 @@ and draws decode step `step` (1-based: 1 = the first draft tree, right after the
 their text, the draft probability q(token | parent) and, with a predictor, its predicted acceptance
 a; pruned nodes (drafted, cut before verification) are grey and dashed; the accepted path is green
 and the target's own next token (the bonus token) orange. The PNG goes to `output` (relative paths:
-from the repo root), by default ${output_dir}/tree-step<step>.png. Drawing: training/tree_plot.py.
+from the repo root), by default ${output_dir}/tree-step<step>.png. Drawing: training/experiments/tree_plot.py.
 """
 
 from pathlib import Path
@@ -17,12 +17,19 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from models.config import repo_path
+from models.paths import repo_path
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
-from training.tree_plot import StepNotReached, capture_step, draw_tree, step_view
+from training.drafts.distill import ensure_config_drafts
+from training.experiments.tree_plot import (
+    StepNotReached,
+    capture_step,
+    draw_tree,
+    step_view,
+)
 
 
 def run(cfg: DictConfig) -> Path:
+    ensure_config_drafts(cfg)  # demo:draft-lm is made once by training, on first use
     config = SpeculativeDecodingConfig.from_hydra(cfg)
     if config.decoding.method == "target_only":
         raise SystemExit("decoding.method=target_only drafts no tree: use tree or chain")

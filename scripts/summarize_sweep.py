@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from training.sweep import format_summary, summarize, write_summary
+from training.experiments.sweep import format_summary, summarize, write_summary
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,7 @@ def log_to_wandb(summary, written: list[Path], out: Path, project: str) -> None:
 
     from omegaconf import OmegaConf
 
-    from training.tracking import start_run
+    from training.experiments.tracking import start_run
 
     cfg = OmegaConf.create({"output_dir": str(out), "logger": {
         "backend": "wandb", "project": project, "entity": None, "mode": os.environ.get("WANDB_MODE", "offline"),

@@ -13,8 +13,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from training.learned_core import run_train_alignment
-from training.tracking import start_run
+from training.experiments.tracking import start_run
+from training.learned.core import run_train_alignment
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

@@ -15,9 +15,9 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from models.eagle import META
-from training.tracking import start_run
-from training.train_draft import train_draft
+from models.drafters.eagle import META
+from training.drafts.train import train_draft
+from training.experiments.tracking import start_run
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")

@@ -15,8 +15,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from training.learned_core import run_train_predictor
-from training.tracking import start_run
+from training.experiments.tracking import start_run
+from training.learned.core import run_train_predictor
 
 KEYS = ("auroc", "brier", "ece_uncalibrated", "ece_calibrated", "temperature", "baseline_auroc", "baseline_ece",
         "c2t_auroc", "c2t_ece", "n_train", "n_heldout")

@@ -7,16 +7,28 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from conftest import tiny_model
-from models.acceptance_predictor import AcceptanceProbabilityPredictor, load_predictor, save_predictor
 from models.checkpoint import fingerprint
 from models.errors import ModelLoadError
-from models.node_features import COLUMN, FEATURE_SPEC_VERSION, NUM_FEATURES
-from training.predictor_training import (evaluate_predictor, evaluate_probs, expected_calibration_error,
-                                         fit_temperature, predict, predictor_report, reliability_curve,
-                                         reliability_plot, train_mlp)
+from models.learned.acceptance_predictor import (
+    AcceptanceProbabilityPredictor,
+    load_predictor,
+    save_predictor,
+)
+from models.learned.node_features import COLUMN, FEATURE_SPEC_VERSION, NUM_FEATURES
+from training.learned.predictor import (
+    evaluate_predictor,
+    evaluate_probs,
+    expected_calibration_error,
+    fit_temperature,
+    predict,
+    predictor_report,
+    reliability_curve,
+    reliability_plot,
+    train_mlp,
+)
 
 FEATURES = ["draft_logprob", "draft_entropy", "depth", "target_entropy"]
 

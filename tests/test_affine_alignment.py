@@ -8,11 +8,19 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from models.affine_alignment import (AffineAlignment, RidgeAccumulator, alignment_metrics, fit_ridge,
-                                     fit_ridge_stream, fit_sgd, load_alignment, save_alignment)
+
 from models.errors import ModelLoadError
+from models.learned.affine_alignment import (
+    AffineAlignment,
+    RidgeAccumulator,
+    alignment_metrics,
+    fit_ridge,
+    fit_ridge_stream,
+    fit_sgd,
+    load_alignment,
+    save_alignment,
+)
 
 HD, HT = 12, 8
 

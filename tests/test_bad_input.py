@@ -7,11 +7,18 @@ import json
 
 import pytest
 import torch
-
 from conftest import noisy_copy, tiny_model, tiny_tokenizer
-from models.drafter import Drafter
-from models.errors import (ConfigError, DrafterError, InputError, ModelLoadError, NumericalError, TreeSpecError)
-from models.loading import check_device
+
+from models.decoding.drafter import Drafter
+from models.errors import (
+    ConfigError,
+    DrafterError,
+    InputError,
+    ModelLoadError,
+    NumericalError,
+    TreeSpecError,
+)
+from models.io.loading import check_device
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
 from training.jsonl import read_jsonl
 
@@ -147,7 +154,7 @@ def test_nan_or_inf_in_target_logits(pair):
 
 
 def test_checkpoint_for_another_target(tmp_path, pair):
-    from models.affine_alignment import AffineAlignment, save_alignment
+    from models.learned.affine_alignment import AffineAlignment, save_alignment
 
     target, draft = pair
     other = tiny_model("llama", seed=9)

@@ -3,20 +3,20 @@ are sums of the per-prompt records, per-depth acceptance, provenance, plots and 
 
 import importlib.util
 import json
-from functools import partial
 import math
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import noisy_copy, tiny_model, tiny_tokenizer
+
+from models.decoding.tree import DraftTree
 from models.errors import InputError
-from models.tree import DraftTree
 from speculative_decoder import GenerationStats, SpeculativeDecoder
-from training.benchmark import PHASE_KEYS, load_prompts, select_prompts
+from training.experiments.benchmark import PHASE_KEYS, load_prompts, select_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,7 +190,7 @@ def test_benchmark_cli_per_category(noisy_pair_dirs, tmp_path):
         assert png.name.startswith(path.stem + "-")
 
     # the wandb run (offline): per-method and per-category metrics, the table, the plots
-    from training.tracking import offline_runs, read_offline_run
+    from training.experiments.tracking import offline_runs, read_offline_run
 
     [run_dir] = offline_runs(tmp_path)
     logged = read_offline_run(run_dir)
@@ -226,8 +226,9 @@ def test_benchmark_main_returns_the_headline(noisy_pair_dirs, tmp_path):
 
 def test_first_divergence_names_the_token_and_the_targets_margin():
     from conftest import tiny_model
+
     from speculative_decoder import SpeculativeDecodingConfig
-    from training.benchmark import first_divergence
+    from training.experiments.benchmark import first_divergence
 
     target = tiny_model("llama")
     target.generation_config.eos_token_id = None

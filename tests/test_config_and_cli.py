@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_model, tiny_tokenizer
-from models.config import CONFIG_DIR, SpeculativeDecodingConfig, default_config
+
+from models.config import SpeculativeDecodingConfig, default_config
+from models.paths import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "experiment")
@@ -151,8 +152,8 @@ def test_train_draft_then_eval_draft_then_benchmark_cli(tiny_pair_dirs, tmp_path
 
 def test_benchmark_variants_run_in_the_same_run(default_config):
     """benchmark.variants: extra tree runs with changed config groups, restored afterwards."""
-    from training.benchmark import run_benchmark
     from speculative_decoder import SpeculativeDecoder
+    from training.experiments.benchmark import run_benchmark
 
     target = tiny_model("llama")
     decoder = SpeculativeDecoder.from_models(target, tiny_model("llama", seed=1), tiny_tokenizer(), default_config)
@@ -171,10 +172,10 @@ def test_benchmark_variants_run_in_the_same_run(default_config):
 def test_benchmark_variants_switch_kernels_and_methods(default_config, monkeypatch):
     """A variant can run another method (e.g. target_only) and another model.cpu_linear kernel on the
     same loaded models: the kernel is switched for that run and restored afterwards."""
-    import models.fast_linear as fl
+    import models.kernels.fast_linear as fl
     from models.errors import ConfigError
-    from training.benchmark import run_benchmark
     from speculative_decoder import SpeculativeDecoder
+    from training.experiments.benchmark import run_benchmark
 
     base = "invariant" if fl.resolve_cpu_linear("auto") == "invariant" else "onednn"
     if base == "onednn" and not fl.onednn_available():
@@ -209,9 +210,9 @@ def test_benchmark_variants_switch_kernels_and_methods(default_config, monkeypat
 
 def test_benchmark_drafts_share_the_target(tiny_pair_dirs, default_config):
     """benchmark.drafts: each named draft becomes a decoder on the same target with the same config."""
-    from speculative_decoder import SpeculativeDecoder
     from models.errors import ConfigError
-    from training.benchmark import draft_decoders
+    from speculative_decoder import SpeculativeDecoder
+    from training.experiments.benchmark import draft_decoders
 
     decoder = SpeculativeDecoder.from_models(tiny_model("llama"), tiny_model("llama", seed=2), tiny_tokenizer(),
                                              default_config)

@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
-
 from conftest import noisy_copy, tiny_model, tiny_tokenizer
-from models.config import CONFIG_DIR
-from models.cost_model import CostModel, interpolate
-from speculative_decoder import SpeculativeDecoder
 from test_lossless_greedy import hf_greedy, make_config, prompts
-import models.cost_profile as pc
+
+import models.policy.cost_profile as pc
+from models.paths import CONFIG_DIR
+from models.policy.cost_model import CostModel, interpolate
+from speculative_decoder import SpeculativeDecoder
 
 TINY = dict(node_counts=(1, 4), widths=(1, 2), context=8, repeats=1)
 
@@ -169,7 +169,8 @@ def test_profile_costs_on_a_tiny_pair(tiny_target, default_config, tmp_path):
 
 def test_profile_costs_with_an_eagle_head(tiny_target, default_config):
     from test_eagle import make_head
-    from models.eagle import EagleDrafter
+
+    from models.drafters.eagle import EagleDrafter
 
     decoder = make_decoder(tiny_target, EagleDrafter(make_head(tiny_target, list(range(0, 96, 2)))), default_config)
     model = pc.profile_costs(decoder, **TINY)
@@ -217,7 +218,7 @@ def test_profile_costs_script(tiny_target, tmp_path, capsys):
 def test_a_noisy_verify_curve_is_made_monotone_for_the_policy():
     """A slow spell while one size was timed must not make 4 nodes look dearer than 12 (the
     session-7 quickstart profile: 30.7, 36.3, 53.0, 47.0 ms for 1, 2, 4, 12 nodes)."""
-    from models.cost_model import monotone
+    from models.policy.cost_model import monotone
 
     noisy = CostModel.synthetic(verify={1: 30.7, 2: 36.3, 4: 53.0, 12: 47.0, 16: 68.8})
     assert noisy.verify_ms[4] == 53.0  # the measurement is kept as measured

@@ -10,9 +10,9 @@ import dataclasses
 import pytest
 import torch
 
-from models.demo_pair import ensure_demo_target
-from training.draft_distill import make_truncated_draft
+from models.io.demo_pair import ensure_demo_target
 from speculative_decoder import SpeculativeDecoder, load_model, load_tokenizer
+from training.drafts.distill import make_truncated_draft
 
 pytestmark = pytest.mark.xdist_group("demo_pair")
 
@@ -68,8 +68,8 @@ def test_shipped_eagle_draft_is_lossless_and_accepted(pair, method, name, defaul
 
 
 def test_missing_shipped_head_says_how_to_remake_it(tmp_path, monkeypatch):
-    from models import demo_pair
     from models.errors import ModelLoadError
+    from models.io import demo_pair
     from speculative_decoder import resolve_model_path
 
     monkeypatch.setitem(demo_pair.SHIPPED_DRAFTS, "demo:draft-more", (tmp_path / "gone", "python remake.py"))
@@ -84,7 +84,7 @@ def test_demo_target_logits_over_several_tokens_are_bitwise_those_of_one_at_a_ti
     (the reason reduced-precision speculative decoding could drift from the target alone)."""
     from transformers import DynamicCache
 
-    from models import invariant_gemm
+    from models.kernels import invariant_gemm
 
     if not invariant_gemm.available() or not invariant_gemm.supports(getattr(torch, dtype)):
         pytest.skip("the invariant kernels cannot run this dtype here")

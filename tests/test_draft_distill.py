@@ -7,8 +7,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.errors import ConfigError, ModelLoadError
-from training.draft_distill import (_read_rows, agreement, distill, kl_loss, make_truncated_draft,
-                                    target_argmax)
+from training.drafts.distill import (
+    _read_rows,
+    agreement,
+    distill,
+    kl_loss,
+    make_truncated_draft,
+    target_argmax,
+)
 
 
 def tiny_target(tie: bool = True) -> LlamaForCausalLM:
@@ -70,7 +76,7 @@ def test_kl_loss_matches_autograd_kl_div():
 
 @torch.no_grad()
 def mean_kl(student, teacher, batches) -> float:
-    from training.draft_distill import _logits_at
+    from training.drafts.distill import _logits_at
     return sum(kl_loss(_logits_at(teacher, i, s), _logits_at(student, i, s)).item()
                for i, s in batches) / len(batches)
 

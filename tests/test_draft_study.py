@@ -5,14 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import tiny_model, tiny_tokenizer
-from models.errors import ConfigError
 from test_config_and_cli import run_script, tiny_pair_dirs  # noqa: F401  (fixture)
 from test_draft_training import TEACHER, make_prompts
-from training import draft_study as study
-from training import teacher_data
-from training.draft_distill import _logits_at, kl_loss
+
+from models.errors import ConfigError
+from training.drafts import study, teacher_data
+from training.drafts.distill import _logits_at, kl_loss
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # Tiny llama (hidden 32, head size 8): 4 heads x MLP 128 in one layer ~ 2 heads x MLP 64 in two.
@@ -151,7 +150,7 @@ def test_spearman_and_verdict():
 def test_draft_study_cli(tiny_pair_dirs, tmp_path, monkeypatch):  # noqa: F811
     """The preset end to end on a tiny pair: teacher shards made, two drafts trained, measured against
     the target alone (identical outputs), table, verdict, JSON, PNG and an offline wandb run."""
-    from training.tracking import offline_runs, read_offline_run
+    from training.experiments.tracking import offline_runs, read_offline_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("TREESPEC_CACHE", str(tmp_path / "cache"))

@@ -4,15 +4,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from conftest import tiny_model, tiny_tokenizer
-from models.drafter import HFDrafter
-from models.eagle import EagleDrafter, load_eagle_draft
-from models.errors import ConfigError, ModelLoadError
+from omegaconf import OmegaConf
 from test_lossless_greedy import hf_greedy
-from training import eagle_draft, teacher_data
-from training.eval_draft import chain_agreement
+
+from models.decoding.drafter import HFDrafter
+from models.drafters.eagle import EagleDrafter, load_eagle_draft
+from models.errors import ConfigError, ModelLoadError
+from training.drafts import eagle as eagle_draft
+from training.drafts import teacher_data
+from training.drafts.evaluate import chain_agreement
 
 TEACHER = SimpleNamespace(shard_prompts=4, batch_size=3, max_new_tokens=10, max_prompt_tokens=40, top_k=3)
 

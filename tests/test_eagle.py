@@ -3,12 +3,18 @@
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from models.eagle import EagleConfig, EagleDrafter, EagleHead, load_eagle_draft, save_eagle_draft
+from test_lossless_greedy import SEARCHES, hf_greedy, make_config, prompts
+
+from models.drafters.eagle import (
+    EagleConfig,
+    EagleDrafter,
+    EagleHead,
+    load_eagle_draft,
+    save_eagle_draft,
+)
 from models.errors import ModelLoadError, VocabularyMismatchError
 from speculative_decoder import SpeculativeDecoder
-from test_lossless_greedy import SEARCHES, hf_greedy, make_config, prompts
 
 
 def make_head(target, vocab=None, seed=0, scale=1.0):

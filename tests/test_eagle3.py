@@ -7,18 +7,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from conftest import tiny_model, tiny_tokenizer
-from models.drafter import HFDrafter, target_features
-from models.eagle import EagleConfig, EagleDrafter, EagleHead, load_eagle_draft
-from models.errors import ConfigError, ModelLoadError
-from speculative_decoder import SpeculativeDecoder
+from omegaconf import OmegaConf
 from test_draft_training import make_prompts, teacher_shards, train_cfg
 from test_lossless_greedy import SEARCHES, hf_greedy, make_config, prompts
-from training import eagle_draft, teacher_data
-from training.eval_draft import chain_agreement, latency
-from training.train_draft import teacher_dir
+
+from models.decoding.drafter import HFDrafter, target_features
+from models.drafters.eagle import EagleConfig, EagleDrafter, EagleHead, load_eagle_draft
+from models.errors import ConfigError, ModelLoadError
+from speculative_decoder import SpeculativeDecoder
+from training.drafts import eagle as eagle_draft
+from training.drafts import teacher_data
+from training.drafts.evaluate import chain_agreement, latency
+from training.drafts.train import teacher_dir
 
 LAYERS = [1, 2, 3]
 TEACHER = SimpleNamespace(shard_prompts=4, batch_size=3, max_new_tokens=10, max_prompt_tokens=40, top_k=3,

@@ -2,10 +2,21 @@
 
 import pytest
 import torch
-
 from conftest import tiny_model, tiny_tokenizer
-from models.errors import ConfigError, InputError, ModelLoadError, TreeSpecError, VocabularyMismatchError
-from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig, load_model, resolve_model_path
+
+from models.errors import (
+    ConfigError,
+    InputError,
+    ModelLoadError,
+    TreeSpecError,
+    VocabularyMismatchError,
+)
+from speculative_decoder import (
+    SpeculativeDecoder,
+    SpeculativeDecodingConfig,
+    load_model,
+    resolve_model_path,
+)
 
 
 @pytest.fixture()

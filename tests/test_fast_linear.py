@@ -6,13 +6,17 @@ import copy
 
 import pytest
 import torch
-
 from conftest import noisy_copy, tiny_model, tiny_tokenizer
-from models.errors import ConfigError
-from models import invariant_gemm
-from models.fast_linear import linear_kernel, onednn_available, set_linear_kernel
-from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
 from test_lossless_greedy import SEARCHES, hf_greedy, make_config, prompts
+
+from models.errors import ConfigError
+from models.kernels import invariant_gemm
+from models.kernels.fast_linear import (
+    linear_kernel,
+    onednn_available,
+    set_linear_kernel,
+)
+from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear kernel")
 KERNELS = [pytest.param("onednn", marks=needs_onednn), pytest.param("hybrid", marks=needs_onednn),
@@ -86,8 +90,8 @@ def test_config_key_and_loading(tmp_path):
     config.model.cpu_linear = "bogus"  # set after the config was built: refused at use
     with pytest.raises(ConfigError, match="model.cpu_linear"):
         config.validate()
-    from models.cost_profile import cost_key
-    from models.loading import load_model
+    from models.io.loading import load_model
+    from models.policy.cost_profile import cost_key
 
     tiny_model("llama").save_pretrained(tmp_path / "t")
     tiny_tokenizer().save_pretrained(tmp_path / "t")

@@ -8,13 +8,20 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, \
-    Qwen2Config, Qwen2ForCausalLM
-
-from models import invariant_attention, invariant_gemm
-from models.fast_linear import set_linear_kernel
-from speculative_decoder import SpeculativeDecoder
 from test_lossless_greedy import SEARCHES, hf_greedy, make_config, prompts
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from models.kernels import invariant_attention, invariant_gemm
+from models.kernels.fast_linear import set_linear_kernel
+from speculative_decoder import SpeculativeDecoder
 
 pytestmark = pytest.mark.skipif(not invariant_gemm.available(), reason="no AVX-512 CPU or no C++ compiler here")
 DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(

@@ -8,10 +8,15 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import tiny_model, tiny_tokenizer
-from models import invariant_gemm
-from models.fast_linear import apply_cpu_linear, linear_kernel, resolve_cpu_linear, set_linear_kernel
+
+from models.kernels import invariant_gemm
+from models.kernels.fast_linear import (
+    apply_cpu_linear,
+    linear_kernel,
+    resolve_cpu_linear,
+    set_linear_kernel,
+)
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
 
 needs_kernel = pytest.mark.skipif(not invariant_gemm.available(), reason="no AVX-512 CPU or no C++ compiler here")
@@ -79,7 +84,7 @@ def test_no_compiler_is_a_clear_error_and_auto_falls_back(fresh_kernel_state, mo
         invariant_gemm.load()
     with pytest.raises(invariant_gemm.KernelUnavailable, match="no C\\+\\+ compiler"):
         set_linear_kernel(torch.nn.Linear(4, 4), "invariant")  # explicit `invariant`: refused, saying why
-    import models.fast_linear as fl
+    import models.kernels.fast_linear as fl
     monkeypatch.setattr(fl, "_warned", False)
     with caplog.at_level("WARNING"):
         assert resolve_cpu_linear("auto") == "hybrid"
@@ -161,8 +166,8 @@ def test_config_and_loading(tmp_path):
     config = SpeculativeDecodingConfig.from_overrides(["model.cpu_linear=invariant"])
     assert config.model.cpu_linear == "invariant"
     assert resolve_cpu_linear("auto") == "invariant"
-    from models.cost_profile import cost_key
-    from models.loading import load_model
+    from models.io.loading import load_model
+    from models.policy.cost_profile import cost_key
 
     tiny_model("llama").save_pretrained(tmp_path / "t")
     tiny_tokenizer().save_pretrained(tmp_path / "t")
@@ -195,8 +200,8 @@ def test_a_revisions_kernel_builds_and_takes_over_the_calls(tmp_path):
 
 @needs_kernel
 def test_frozen_weights_of_a_head_run_on_the_kernel_too():
-    from models.eagle import EagleConfig, EagleHead
-    from models.fast_linear import frozen_linear
+    from models.drafters.eagle import EagleConfig, EagleHead
+    from models.kernels.fast_linear import frozen_linear
 
     torch.manual_seed(0)
     cfg = EagleConfig(hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=48, vocab_size=50,

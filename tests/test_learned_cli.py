@@ -4,7 +4,6 @@ collect_traces -> train_alignment -> train_predictor (with shift traces) -> gene
 import json
 
 import pytest
-
 from test_config_and_cli import run_script, tiny_pair_dirs  # noqa: F401  (fixture)
 
 

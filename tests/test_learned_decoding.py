@@ -7,22 +7,38 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-
 import test_lossless_sampling as lossless
+import torch
 from conftest import ARCHS, noisy_copy, tiny_model, tiny_tokenizer
-from models.acceptance_predictor import AcceptanceProbabilityPredictor, save_predictor
-from models.affine_alignment import AffineAlignment, fit_ridge, save_alignment
+from test_lossless_sampling import (
+    P_MIN,
+    N,
+    Table,
+    V,
+    exact_distribution,
+    goodness_of_fit,
+    memoized,
+)
+
 from models.checkpoint import fingerprint
-from models.draft_tree_search import DraftTreeSearch, TreeShape
+from models.decoding.sampling import logits_to_probs
+from models.decoding.tree_search import DraftTreeSearch, TreeShape
 from models.errors import ConfigError, ModelLoadError
-from models.node_features import ALIGNED_FEATURES, COLUMN, FEATURE_NAMES, aligned_features
-from models.node_scorer import NodeScorer
-from models.sampling import logits_to_probs
+from models.learned.acceptance_predictor import (
+    AcceptanceProbabilityPredictor,
+    save_predictor,
+)
+from models.learned.affine_alignment import AffineAlignment, fit_ridge, save_alignment
+from models.learned.node_features import (
+    ALIGNED_FEATURES,
+    COLUMN,
+    FEATURE_NAMES,
+    aligned_features,
+)
+from models.learned.node_scorer import NodeScorer
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
-from training.predictor_training import train_mlp
-from training.traces import TraceRecorder
-from test_lossless_sampling import N, P_MIN, V, Table, exact_distribution, goodness_of_fit, memoized
+from training.learned.predictor import train_mlp
+from training.learned.traces import TraceRecorder
 
 # 3 + 9 + 9 + 9 nodes drafted, 10 kept: the ranking decides which (12 would keep depths 1-2 whatever the ranking)
 # pruning=none: these tests are about what the learned core scores and drafts (test_tree_pruner.py
@@ -158,7 +174,6 @@ def test_greedy_lossless_with_learned_core(arch, learned):
 class HiddenTableDrafter(lossless.TableDrafter):
     """The table drafter of test_lossless_sampling with hidden states (draft logits plus a constant),
     so an alignment and aligned features have something to read."""
-
     def propose(self, tree, nodes):
         logits = super().propose(tree, nodes)
         self.last_hidden = torch.cat([logits, torch.ones(len(nodes), 1)], dim=1)  # [F, V + 1]
@@ -168,7 +183,6 @@ class HiddenTableDrafter(lossless.TableDrafter):
 class MemoScorer(NodeScorer):
     """The real NodeScorer, memoised on its exact inputs (deterministic, so results are unchanged):
     20,000 samples would otherwise spend minutes re-scoring the same few thousand node groups."""
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.memo = {}

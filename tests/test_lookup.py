@@ -1,14 +1,14 @@
-"""Prompt lookup (models/lookup.py): the index, merging a chain into a tree, and the decoder with it."""
+"""Prompt lookup (models/decoding/lookup.py): the index, merging a chain into a tree, and the decoder with it."""
 
 import dataclasses
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
+from models.decoding.lookup import PromptLookup, add_lookup_branch, next_lookup_span
+from models.decoding.tree import DraftTree
 from models.errors import ConfigError
-from models.lookup import PromptLookup, add_lookup_branch, next_lookup_span
-from models.tree import DraftTree
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
 
 

@@ -4,16 +4,16 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import ARCHS, noisy_copy, tiny_model
-from models.kv_cache import cache_length
+
+from models.decoding.kv_cache import cache_length
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
 
 SEARCHES = {
     "chain": dict(method="chain", tree_search=dict(max_depth=4)),
     "static": dict(method="tree", tree_search=dict(mode="static", max_depth=3, branching=[3, 2, 1], max_nodes=16)),
     "dynamic": dict(method="tree", tree_search=dict(mode="dynamic", max_depth=4, max_candidates=3, max_nodes=10)),
-    # + the prompt-lookup branch (models/lookup.py): nodes the draft never proposed
+    # + the prompt-lookup branch (models/decoding/lookup.py): nodes the draft never proposed
     "dynamic-lookup": dict(method="tree", tree_search=dict(mode="dynamic", max_depth=3, max_candidates=2, max_nodes=6,
                                                            lookup_tokens=6)),
 }
@@ -104,7 +104,7 @@ def test_stops_at_context_limit(search, default_config):
 @pytest.mark.parametrize("search", list(SEARCHES))
 def test_caches_hold_prefix_plus_accepted(search, default_config):
     """After every step both caches equal a fresh prefill of exactly the committed tokens."""
-    from models.kv_cache import new_cache
+    from models.decoding.kv_cache import new_cache
 
     target = tiny_model("llama")
     target.generation_config.eos_token_id = None

@@ -18,16 +18,16 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_model
 from scipy.stats import chisquare
 
-import models.verification as verification
-from conftest import tiny_model
-from models.draft_tree_search import DraftTreeSearch, TreeShape
-from models.lookup import PromptLookup, add_lookup_branch, next_lookup_span
-from models.drafter import Drafter
-from models.sampling import logits_to_probs
-from models.tree import DraftTree
-from models.verification import verify_sampling
+import models.decoding.verification as verification
+from models.decoding.drafter import Drafter
+from models.decoding.lookup import PromptLookup, add_lookup_branch, next_lookup_span
+from models.decoding.sampling import logits_to_probs
+from models.decoding.tree import DraftTree
+from models.decoding.tree_search import DraftTreeSearch, TreeShape
+from models.decoding.verification import verify_sampling
 
 V = 5  # vocabulary: 5^3 = 125 joint outcomes
 N = 20_000  # samples per variant
@@ -212,15 +212,15 @@ def test_decoder_sampling_end_to_end(draft_kind, default_config):
 
     Three new tokens: the first comes from the prefill, the next step drafts one level under it, so
     (token 2, token 3) is drafted-then-verified output; its exact law is enumerated from the target."""
-    from models.eagle import EagleConfig, EagleDrafter, EagleHead
+    from models.drafters.eagle import EagleConfig, EagleDrafter, EagleHead
     from speculative_decoder import SpeculativeDecoder
 
     # hf_invariant_kernels: target and draft on treespec's batch-invariant linear kernel and attention
     # (head size 16, so the attention kernel runs rather than its SDPA fallback)
     invariant = draft_kind == "hf_invariant_kernels"
     if invariant:
-        from models import invariant_attention, invariant_gemm
-        from models.fast_linear import set_linear_kernel
+        from models.kernels import invariant_attention, invariant_gemm
+        from models.kernels.fast_linear import set_linear_kernel
 
         if not invariant_gemm.available():
             pytest.skip("no AVX-512 CPU or no C++ compiler here")

@@ -1,11 +1,11 @@
-"""Training precision: ``auto`` means bf16 only where the hardware computes it (training/precision.py)."""
+"""Training precision: ``auto`` means bf16 only where the hardware computes it (training/drafts/precision.py)."""
 
 import logging
 
 import pytest
 
 from models.errors import ConfigError
-from training import precision
+from training.drafts import precision
 
 
 @pytest.fixture

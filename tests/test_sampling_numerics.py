@@ -1,11 +1,11 @@
-"""The documented numerical rules of models/sampling.py and models/verification.py."""
+"""The documented numerical rules of models/decoding/sampling.py and models/decoding/verification.py."""
 
 import pytest
 import torch
 
-from models.sampling import NumericalError, draw_children, logits_to_probs
-from models.tree import DraftTree
-from models.verification import verify_sampling
+from models.decoding.sampling import NumericalError, draw_children, logits_to_probs
+from models.decoding.tree import DraftTree
+from models.decoding.verification import verify_sampling
 
 inf, nan = float("inf"), float("nan")
 

@@ -1,6 +1,6 @@
 """Sliding-window models (Mistral, Phi-3, Gemma 2/3, Qwen2 with use_sliding_window) decode losslessly.
 
-Caches stay full length and the window lives in the masks (``models.kv_cache``): tree-masked logits
+Caches stay full length and the window lives in the masks (``models.decoding.kv_cache``): tree-masked logits
 equal sequential decoding with the model's own masks, the plain causal paths equal HF's own sliding
 cache, and greedy chain / static / dynamic tree decoding equals target-only decoding and HF
 ``generate`` of the target, with prompt + generation well past the window (8 keys; 3 in the mask tests,
@@ -13,14 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import DynamicCache, GPTNeoConfig, GPTNeoForCausalLM
-
 from conftest import SLIDING_ARCHS, noisy_copy, tiny_model
-from models.errors import ConfigError
-from models.kv_cache import attention_layout, keep_tokens, new_cache
-from speculative_decoder import SpeculativeDecoder
 from test_lossless_greedy import SEARCHES, hf_greedy, make_config
 from test_tree_attention import example_tree, sequential_logits
+from transformers import DynamicCache, GPTNeoConfig, GPTNeoForCausalLM
+
+from models.decoding.kv_cache import attention_layout, keep_tokens, new_cache
+from models.errors import ConfigError
+from speculative_decoder import SpeculativeDecoder
 
 LAYERS = 3  # gemma2 / gemma3: sliding, full, sliding; qwen2_sw: full, sliding, sliding
 

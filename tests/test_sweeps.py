@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
-
 from conftest import noisy_copy, tiny_model, tiny_tokenizer
-from models.config import CONFIG_DIR, SpeculativeDecodingConfig
+from omegaconf import OmegaConf
 from test_config_and_cli import run_script, tiny_pair_dirs  # noqa: F401  (fixture)
+
+from models.config import SpeculativeDecodingConfig
+from models.paths import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = sorted(f"{p.parent.relative_to(CONFIG_DIR).as_posix()}={p.stem}" for p in CONFIG_DIR.rglob("*.yaml")
@@ -23,7 +24,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def compose(overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
@@ -54,7 +56,7 @@ def test_local_launcher_preset():
     hydra = OmegaConf.to_container(cfg.hydra, resolve=False)
     # Each job's output_dir is its own directory: TREESPEC_OUTPUT_DIR from hydra.job.env_set.
     assert hydra["job"]["env_set"]["TREESPEC_OUTPUT_DIR"] == "${hydra.runtime.output_dir}"
-    assert hydra["callbacks"]["treespec_jobs"]["_target_"] == "training.sweep.JobRecorder"
+    assert hydra["callbacks"]["treespec_jobs"]["_target_"] == "training.experiments.sweep.JobRecorder"
     assert hydra["sweep"]["subdir"] == "${hydra.job.num}"
     assert compose([]).hydra.launcher._target_.endswith("BasicLauncher")  # plain -m is unchanged
 
@@ -78,7 +80,7 @@ def test_slurm_launcher_preset_renders_an_sbatch_script(tmp_path, monkeypatch):
     cfg = compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30",
                    f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.cpus_per_task == 8
-    assert cfg.hydra.callbacks.treespec_jobs._target_ == "training.sweep.JobRecorder"
+    assert cfg.hydra.callbacks.treespec_jobs._target_ == "training.experiments.sweep.JobRecorder"
     assert "TREESPEC_OUTPUT_DIR" in cfg.hydra.job.env_set
     launcher = instantiate(cfg.hydra.launcher)
     assert type(launcher).__name__ == "SlurmLauncher"
@@ -135,7 +137,7 @@ def benchmark_result(config=None):
 def test_summarize_mixed_sweep(tmp_path):
     """Results of both kinds (generate.json, benchmark-*.json), a failed job, one still running and one
     never started: one table, the problems listed, nothing raised."""
-    from training.sweep import format_summary, summarize, write_summary
+    from training.experiments.sweep import format_summary, summarize, write_summary
 
     sweep = tmp_path / "sweep"
     (sweep).mkdir()
@@ -186,7 +188,7 @@ def test_summarize_mixed_sweep(tmp_path):
 
 def test_generate_json_rows():
     """generate.json with compare=true: its own speedup vs the target alone; the summary's numbers first."""
-    from training.sweep import result_rows
+    from training.experiments.sweep import result_rows
 
     (row,) = result_rows(generate_result(40.0, 2.0, compare=1.6))
     assert row["method"] == "tree" and row["tokens_per_s"] == 40.0 and row["tau"] == 2.0
@@ -197,7 +199,7 @@ def test_generate_json_rows():
 
 def test_summarize_matches_results_in_a_shared_output_dir(tmp_path):
     """Jobs of the basic launcher share output_dir: each result is matched to the job whose config it embeds."""
-    from training.sweep import summarize
+    from training.experiments.sweep import summarize
 
     shared, sweep = tmp_path / "shared", tmp_path / "sweep"
     shared.mkdir()
@@ -219,7 +221,7 @@ def test_joblib_sweep_then_summary(tiny_pair_dirs, tmp_path, monkeypatch):  # no
     """A two-job -m sweep of generate.py through the joblib launcher preset, logged to wandb (offline):
     each job in its own directory with job_status.json, generate.json and its wandb run (grouped by the
     sweep); then summarize_sweep.py over it, its table and plots also logged to wandb in that group."""
-    from training.tracking import offline_runs, read_offline_run
+    from training.experiments.tracking import offline_runs, read_offline_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     sweep = tmp_path / "sweep"
@@ -268,7 +270,7 @@ def test_show_tree_cli(tiny_pair_dirs, tmp_path):  # noqa: F811
     assert png.read_bytes()[:8] == PNG and "step 2 of" in out and "verified" in out
 
 
-# ---------------------------------------------------------------------- training/tree_plot.py
+# ---------------------------------------------------------------------- training/experiments/tree_plot.py
 @pytest.fixture(scope="module")
 def decoder():
     from speculative_decoder import SpeculativeDecoder
@@ -282,7 +284,12 @@ def decoder():
 
 
 def test_capture_step_sees_pruned_nodes(decoder):
-    from training.tree_plot import StepNotReached, capture_step, draw_tree, step_view
+    from training.experiments.tree_plot import (
+        StepNotReached,
+        capture_step,
+        draw_tree,
+        step_view,
+    )
 
     record, drafted, stats, steps = capture_step(decoder, "w5 w6 w7", step=1)
     assert "_search" not in vars(decoder)  # the recording wrapper is gone afterwards
@@ -306,8 +313,8 @@ def test_capture_step_sees_pruned_nodes(decoder):
 
 def test_step_view_without_pruning_and_with_predictions(decoder, tmp_path):
     """No pruner: the drafted tree is the verified one; predicted acceptance shows when the tree has it."""
-    from models.tree import DraftTree
-    from training.tree_plot import draw_tree, escape, layout, step_view
+    from models.decoding.tree import DraftTree
+    from training.experiments.tree_plot import draw_tree, escape, layout, step_view
 
     tree = DraftTree.from_root(5)
     tree.add_children(torch.tensor([0, 0]), torch.tensor([6, 7]), torch.log(torch.tensor([0.6, 0.3])),

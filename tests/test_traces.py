@@ -8,12 +8,18 @@ import re
 
 import pytest
 import torch
-
 from conftest import noisy_copy, tiny_model, tiny_tokenizer
+
+from models.decoding.verification import verify_greedy
 from models.errors import ConfigError, ModelLoadError
-from models.verification import verify_greedy
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
-from training.traces import TraceRecorder, collect, load_traces, read_prompt_rows, split_by_prompt
+from training.learned.traces import (
+    TraceRecorder,
+    collect,
+    load_traces,
+    read_prompt_rows,
+    split_by_prompt,
+)
 
 # pruning=none: what the recorder stores must not depend on this machine's measured cost curves (under
 # load the cost-aware policy may verify no drafted node at all on the tiny pair).
@@ -272,7 +278,7 @@ def test_split_of_real_traces(shards):
 def test_a_shard_without_drafted_nodes_keeps_its_dtypes():
     """A shard whose trees had no drafted node (e.g. everything pruned) still loads with integer
     indices, and the alignment pipeline's prompt lookup works on it (it used to crash on float)."""
-    from training.learned_core import pair_prompts
+    from training.learned.core import pair_prompts
 
     empty = TraceRecorder().tensors()
     assert empty["parent_pair"].dtype == empty["prompt"].dtype == empty["token"].dtype == torch.long

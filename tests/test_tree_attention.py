@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
 from conftest import ARCHS, tiny_model
-from models.kv_cache import keep_tokens, new_cache
-from models.tree import DraftTree
+
+from models.decoding.kv_cache import keep_tokens, new_cache
+from models.decoding.tree import DraftTree
 
 
 def example_tree(vocab: int) -> DraftTree:

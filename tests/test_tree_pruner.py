@@ -22,20 +22,27 @@ import random
 
 import pytest
 import torch
-
 from conftest import ARCHS, noisy_copy, tiny_model
-from models.config import SpeculativeDecodingConfig
-from models.cost_model import CostModel
-from models.draft_tree_search import DraftTreeSearch, TreeShape
-from models.errors import ConfigError
-from models.sampling import logits_to_probs
-from models.tree import DraftTree
-from models.tree_pruner import STRATEGIES, TreePruner
-from models.verification import verify_sampling
-from speculative_decoder import SpeculativeDecoder
 from test_lossless_sampling import (  # the exact-distribution machinery (no test functions imported)
-    HORIZON, N, P_MIN, Table, TableDrafter, exact_distribution, goodness_of_fit, memoized,
+    HORIZON,
+    P_MIN,
+    N,
+    Table,
+    TableDrafter,
+    exact_distribution,
+    goodness_of_fit,
+    memoized,
 )
+
+from models.config import SpeculativeDecodingConfig
+from models.decoding.sampling import logits_to_probs
+from models.decoding.tree import DraftTree
+from models.decoding.tree_search import DraftTreeSearch, TreeShape
+from models.decoding.verification import verify_sampling
+from models.errors import ConfigError
+from models.policy.cost_model import CostModel
+from models.policy.tree_pruner import STRATEGIES, TreePruner
+from speculative_decoder import SpeculativeDecoder
 
 BASE = SpeculativeDecodingConfig()
 PRUNING = BASE.pruning
@@ -525,7 +532,7 @@ def test_pruned_sampling_is_lossless(name):
 def test_node_level_pruning_of_random_draws_is_biased(monkeypatch):
     """Why random draws are pruned by whole groups: keeping the likelier of the drawn siblings biases
     the proposal, and the goodness-of-fit test sees it (with a tenth of the samples)."""
-    import models.tree_pruner as tree_pruner
+    import models.policy.tree_pruner as tree_pruner
 
     monkeypatch.setattr(tree_pruner.TreePruner, "_keep_groups",
                         lambda self, tree, pp: self._keep_nodes(tree, pp, 0.0))

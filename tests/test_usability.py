@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import noisy_copy, tiny_model, tiny_tokenizer
-from models.prompts import exchange_ids, prompt_ids
+
+from models.decoding.prompts import exchange_ids, prompt_ids
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
 
 
@@ -45,7 +45,7 @@ def test_seed_values_checked(decoder):
 
 def test_package_imports_from_anywhere(tmp_path):
     """`pip install -r requirements.txt` installs the project (editable): no sys.path tricks."""
-    code = "import speculative_decoder, models.tree_pruner, training.benchmark; print(speculative_decoder.__file__)"
+    code = "import speculative_decoder, models.policy.tree_pruner, training.experiments.benchmark; print(speculative_decoder.__file__)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("speculative_decoder.py")
@@ -61,7 +61,7 @@ def test_one_prompt_encoding_for_decoding_and_training():
     assert ids[0].tolist() == prompt_ids(tok, "w5 w6")
     full, start = exchange_ids(tok, "w5 w6", "w7 w8")
     assert full[:start] == prompt_ids(tok, "w5 w6") and full[start:] == tok("w7 w8 </s>", add_special_tokens=False).input_ids
-    from training.teacher_data import chat_ids
+    from training.drafts.teacher_data import chat_ids
 
     assert chat_ids(tok, "w5 w6") == prompt_ids(tok, "w5 w6")
     assert config.decoding.use_chat_template

@@ -10,7 +10,7 @@
 - ``packages``: the Python version and, for every package pinned in ``requirements.txt`` (the
   versions treespec is tested with), the installed version; ``mismatched`` lists those that differ.
 - ``machine``: ``device_description`` of the device that ran the models (CUDA device name, or the
-  CPU model and core count; ``models.cost_profile``'s, which its cache keys use), the OS, the CPU model,
+  CPU model and core count; ``models.policy.cost_profile``'s, which its cache keys use), the OS, the CPU model,
   logical CPUs and the CPUs this process may use, torch intra-/inter-op threads, and the CUDA /
   cuDNN versions and GPU names when CUDA is available.
 """
@@ -27,9 +27,11 @@ from pathlib import Path
 
 import torch
 
-from models.cost_profile import device_description  # the same dict the cost-profile cache keys use
+from models.paths import REPO_ROOT
+from models.policy.cost_profile import (
+    device_description,  # the same dict the cost-profile cache keys use
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_CHANGES = 50
 
 __all__ = ["provenance", "git_info", "package_versions", "machine_info", "device_description", "cpu_model"]
