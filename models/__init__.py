@@ -5,7 +5,7 @@ products on CPUs that have AVX-512, unless ``MKL_CBWR`` is already set (the user
 ``TREESPEC_MKL_AVX512=0`` turns this off). MKL otherwise runs a generic path on non-Intel CPUs, on
 which a forward over a few tokens costs up to twice one token; on the AVX-512 path it costs about
 the same (measured on the 2-core AMD EPYC demo machine, fp32: the target's verify over N = 1, 2, 4,
-8 tokens 58, 99, 97, 81 ms without, 59, 58, 55, 61 ms with; README, "Speed levers"). MKL reads the
+8 tokens 58, 99, 97, 81 ms without, 59, 58, 55, 61 ms with; docs/kernels-and-exactness.md). MKL reads the
 variable at its first call, so it takes effect when treespec is imported before the process's first
 matrix product (as in every script here). Target-only decoding gets the same path: baselines are
 measured with it too. Results stay deterministic for a given path (MKL's conditional numerical

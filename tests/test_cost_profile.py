@@ -217,7 +217,7 @@ def test_profile_costs_script(tiny_target, tmp_path, capsys):
 
 def test_a_noisy_verify_curve_is_made_monotone_for_the_policy():
     """A slow spell while one size was timed must not make 4 nodes look dearer than 12 (the
-    session-7 quickstart profile: 30.7, 36.3, 53.0, 47.0 ms for 1, 2, 4, 12 nodes)."""
+    quickstart profile of 2026-11-24: 30.7, 36.3, 53.0, 47.0 ms for 1, 2, 4, 12 nodes)."""
     from models.policy.cost_model import monotone
 
     noisy = CostModel.synthetic(verify={1: 30.7, 2: 36.3, 4: 53.0, 12: 47.0, 16: 68.8})

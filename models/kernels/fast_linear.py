@@ -18,7 +18,7 @@ the model's parameters (state_dict, tying, fingerprints unchanged); packed copie
 use per kernel, remade when the weight changes in place or is replaced, and the plain ``F.linear``
 runs whenever autograd needs it (training), the input is not fp32 on the CPU, or the route is MKL.
 Results differ from MKL's by float rounding only, so the fp32 contract (greedy tokens identical to
-the target alone) holds and is tested with every setting. README, "Speed levers".
+the target alone) holds and is tested with every setting. docs/kernels-and-exactness.md.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ may see in cache order with every sum in a fixed order, so its output is bitwise
 is computed alone (one-token decoding) or among the nodes of a tree, whatever masked-out siblings
 share the call. With ``model.cpu_linear=invariant`` the linear layers are batch invariant too, and the
 target's logits during tree verification are then bitwise the logits one-token decoding computes,
-in fp32 and in bf16 (README, "Exactness per dtype"). Anything else (prefill, batches, training,
+in fp32 and in bf16 (docs/kernels-and-exactness.md, "Exactness per dtype"). Anything else (prefill, batches, training,
 other devices or dtypes, head sizes that are not a multiple of 16, soft-capping, sinks, per-head
 masks) takes transformers' SDPA path (the model's eager attention where SDPA cannot serve:
 soft-capping, sinks), so the implementation is always safe to select.

@@ -11,7 +11,7 @@ runs on torch's own thread pool.
 Why: on the 2-core AMD EPYC test machine MKL's fp32 GEMM streams the weights of a one-token forward
 at ~12 GB/s and oneDNN's at ~15; the memory does ~30. This kernel keeps 8-16 accumulators in
 registers and reads each packed weight byte once per block of rows, so a product over 1-8 rows
-costs about what one row costs and one row costs about a third of MKL's (README, "Speed levers").
+costs about what one row costs and one row costs about a third of MKL's (docs/kernels-and-exactness.md).
 Every output is one FMA chain over ``k`` in order, so a row's result does not depend on how many
 rows are computed with it: verifying a tree gives the target's linear layers bitwise the numbers
 one-token decoding gives. The AVX2 build computes the same chains in 8-lane halves, so its linear

@@ -4,7 +4,7 @@ Every strategy scores nodes by their *path probability* (``DraftTree.path_probs`
 the predictor's P(accept | parent accepted) along the path when a predictor scored the tree, else of
 the draft's own probabilities. Path probabilities never increase along a path, so the top nodes by
 path probability (ties: shallower first) are closed under ancestors, and the expected number of
-accepted draft tokens of a kept set is the sum of its path probabilities (DESIGN.md section 6).
+accepted draft tokens of a kept set is the sum of its path probabilities (docs/design.md section 6).
 
     none        keep everything
     threshold   keep nodes whose path probability >= min_acceptance_prob

@@ -1,6 +1,6 @@
 """The quick draft: the target's first k layers, distilled to the target on train-only text.
 
-Why this recipe (measured on 2 CPU cores, see /work/shared/demo-pair.md and the README):
+Why this recipe (measured on 2 CPU cores, see docs/design.md section 8 and docs/drafts.md):
 - A truncated target shares the tokenizer, embeddings, final norm and lm_head with the target, so
   it starts as a (poor) draft at no cost and only its k decoder layers need training.
 - Distillation (KL from the target's full next-token distribution) gives a dense signal per

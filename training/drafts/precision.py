@@ -2,7 +2,7 @@
 
 On CPUs without native bf16 arithmetic (no AVX512_BF16 / AMX: e.g. AVX2-only x86) torch emulates bf16
 matrix products by converting to fp32 and back, which is several times *slower* than plain fp32: on
-the 2-core AVX2 EPYC of session 8 the small-LM draft's distillation (bf16 teacher + bf16 autocast)
+the 2-core AVX2 EPYC (measured 2026-12-07) the small-LM draft's distillation (bf16 teacher + bf16 autocast)
 ran at ~25 s per step against ~1 s on the AVX-512 machine. Recipes therefore say ``auto`` where
 precision is only a speed choice (``teacher_dtype``, ``student_bf16``, ``teacher.dtype``, ``bf16``).
 """
