@@ -6,176 +6,44 @@
     text = decoder.generate_text("Why is the sky blue?")
     for piece in decoder.stream("Tell me a story"): print(piece, end="")
 
-One decode step (``_decode``), as in DESIGN.md section 2:
-  0. prefill the target and the draft; the target's last logits give the first root token
-  1. draft a tree under the root (one draft forward per level, tree mask, draft KV cache)
-  2. align + predict, inside the search as nodes are drafted (``NodeScorer``): node features, the
-     aligned distribution, P(accept | parent accepted); ``rank_by=predictor`` ranks nodes by it
-  3. prune: ``TreePruner`` keeps the nodes worth verifying (closed under ancestors)
-  4. verify: one target forward over root + nodes (4-D mask + position_ids); greedy or rejection sampling
-  5. commit: both caches keep prefix + accepted path; the emitted next token becomes the new root
-  6. stop on EOS inside the emitted tokens, at max_new_tokens exactly, or at the context limit
+The decode loop (``_decode``) reads as numbered steps (docs/design.md section 2); everything else
+lives beside it: loading (``models.io.loading``), the alignment / predictor / cost model
+(``models.io.resources``), the prompt-lookup branch (``models.decoding.lookup.CopyBranch``), stats and
+the phase clock (``models.decoding.stats``).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from models.config import SpeculativeDecodingConfig
+from models.decoding.context import StepContext
 from models.decoding.drafter import Drafter, HFDrafter, target_features
-from models.decoding.kv_cache import (
-    attention_layout,
-    cache_length,
-    keep_tokens,
-    new_cache,
-)
-from models.decoding.lookup import PromptLookup, add_lookup_branch, next_lookup_span
+from models.decoding.kv_cache import attention_layout, cache_length, keep_tokens, new_cache
+from models.decoding.lookup import CopyBranch
 from models.decoding.prompts import prompt_ids
 from models.decoding.sampling import logits_to_probs
+from models.decoding.stats import PHASES, GenerationStats, PhaseTimer, StepRecord
 from models.decoding.tree import DraftTree
 from models.decoding.tree_search import DraftTreeSearch, TreeShape
 from models.decoding.verification import verify_greedy, verify_sampling
-from models.errors import ConfigError, InputError, ModelLoadError, NumericalError
-from models.io.loading import (  # noqa: F401
-    check_device,
-    check_same_vocabulary,
-    context_length,
-    eos_token_ids,
-    load_draft,
-    load_model,
-    load_tokenizer,
-    module_device,
-    resolve_checkpoint,
-    resolve_model_path,
-)
-from models.decoding.context import StepContext
+from models.errors import ConfigError, InputError, NumericalError
+from models.io.loading import (check_device, check_same_vocabulary, context_length, eos_token_ids, load_draft,
+                               load_model, load_tokenizer, module_device, resolve_model_path)
+from models.io.resources import DecoderResources
 from models.learned.node_scorer import NodeScorer
+from models.policy.tree_pruner import TreePruner
 
-__all__ = ["SpeculativeDecoder", "SpeculativeDecodingConfig", "GenerationStats", "load_model", "load_tokenizer"]
-
-PHASES = ("prefill", "draft", "score", "prune", "verify", "commit", "other")
-
-
-@dataclass
-class GenerationStats:
-    """What one ``generate`` call did. ``as_dict()`` adds the derived metrics (DESIGN.md section 7)."""
-
-    method: str
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    target_forwards: int = 0  # prefill included
-    steps: int = 0  # verify forwards (each emits accepted drafts + one target token)
-    drafted_tokens: int = 0  # tree nodes sent to verification, roots excluded
-    nodes_drafted: int = 0  # tree nodes the draft proposed, before pruning
-    accepted_tokens: int = 0  # drafted tokens the target kept
-    draft_forwards: int = 0
-    lookup_nodes: int = 0  # verified nodes the prompt-lookup branch added (tree_search.lookup_tokens)
-    lookup_accepted: int = 0  # accepted tokens that only the lookup branch proposed
-    # Sum over verified nodes of their path probability (predicted when a predictor is loaded, else
-    # the draft's own): what the tree policy expected to be accepted; compare with accepted_tokens.
-    expected_accepted: float = 0.0
-    # Per depth d = 1, 2, ... (index d - 1), counted over verify steps: steps that accepted a token
-    # at d (a path cut by EOS counts up to the EOS); steps whose accepted path reached d - 1 and
-    # whose node there had a verified child (the target could accept at d); steps that verified a
-    # node at d. acceptance at depth d = accepted / reachable.
-    accepted_per_depth: list[int] = field(default_factory=list)
-    reachable_per_depth: list[int] = field(default_factory=list)
-    verified_per_depth: list[int] = field(default_factory=list)
-    time_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-    stop_reason: str = ""
-
-    @property
-    def total_time_s(self) -> float:
-        return sum(self.time_s.values())
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """tau: tokens emitted per verify step, the target's own token counted (1.0 for target-only)."""
-        return (self.new_tokens - 1) / self.steps if self.steps else 1.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
-
-    @property
-    def pruned_fraction(self) -> float:
-        """Share of drafted nodes the pruner cut before verification (the prompt-lookup branch's own nodes,
-        verified but never drafted, are not counted)."""
-        return 1 - (self.drafted_tokens - self.lookup_nodes) / self.nodes_drafted if self.nodes_drafted else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.total_time_s if self.total_time_s > 0 else 0.0
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d.update(mean_accepted_length=self.mean_accepted_length, acceptance_rate=self.acceptance_rate,
-                 pruned_fraction=self.pruned_fraction,
-                 tokens_per_s=self.tokens_per_s, total_time_s=self.total_time_s)
-        return d
-
-
-@dataclass
-class StepRecord:
-    """What one verification saw, for observers (``generate(..., on_step=...)``; trace collection).
-
-    tree: the verified tree (features when scored); target_logits [N, V] and target_hidden [N, Ht]
-    at every node; path / next_token: what verification decided; to_probs: the sampling processor
-    (None when greedy); drafted: the tree as drafted, before pruning (``tree`` itself when nothing
-    was pruned; ``tree.origin`` maps verified nodes back to it).
-    """
-
-    tree: DraftTree
-    target_logits: torch.Tensor
-    target_hidden: torch.Tensor | None
-    path: list[int]
-    next_token: int
-    to_probs: object
-    context: StepContext
-    drafted: DraftTree | None = None
-
-
-class _Timer:
-    """Accumulates wall time per phase; synchronises CUDA so that GPU time lands in its phase."""
-
-    def __init__(self, stats: GenerationStats, device: torch.device):
-        self.stats, self.cuda = stats, device.type == "cuda"
-        self.t = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.stats.time_s[phase] += now - self.t
-        self.t = now
-
-    def move(self, src: str, dst: str, seconds: float) -> None:
-        """Re-book ``seconds`` already counted in phase ``src`` to phase ``dst``."""
-        self.stats.time_s[src] -= seconds
-        self.stats.time_s[dst] += seconds
-
-    def pause_until_resumed(self) -> None:
-        """Call after a ``yield``: the consumer's time (e.g. detokenizing a stream) is not ours."""
-        self.t = time.perf_counter()
-
-
-def _finite(logits: torch.Tensor, where: str) -> torch.Tensor:
-    """The target's logits, refused when any is NaN or inf: greedy would pick an arbitrary token
-    and sampling would fail somewhere less clear."""
-    if not bool(torch.isfinite(logits).all()):
-        bad = "NaN" if bool(torch.isnan(logits).any()) else "inf"
-        raise NumericalError(f"the target's logits contain {bad} ({where}, dtype {logits.dtype}); usually an "
-                             "overflow in reduced precision: try model.dtype=bfloat16 or float32")
-    return logits
+__all__ = ["SpeculativeDecoder", "SpeculativeDecodingConfig", "GenerationStats", "StepRecord", "PHASES",
+           "load_model", "load_tokenizer", "load_draft", "resolve_model_path"]
 
 
 class SpeculativeDecoder:
+    # ------------------------------------------------------------------ construction
     def __init__(self, config: SpeculativeDecodingConfig | None = None):
         """Load ``config.model.*`` (the demo pair by default) and build the decoder."""
         config = config or SpeculativeDecodingConfig()
@@ -220,40 +88,23 @@ class SpeculativeDecoder:
         self.eos_ids = eos_token_ids(target, tokenizer)
         self.last_stats: GenerationStats | None = None
         self.last_ids: torch.Tensor | None = None  # stream(): the ids of the last call
-        self._learned_key, self._learned_cache = None, {}
-        self._sync_learned()
+        self.resources, self._learned_key = DecoderResources(), None
+        self.alignment = self.predictor = None
+        self.prepare()
 
-    def _sync_learned(self) -> None:
-        """(Re)load the alignment and predictor when the config names others than those loaded
-        (configs are changed in place; null unloads)."""
+    def prepare(self) -> None:
+        """Load what the config names beside the models: the alignment and predictor (again when the
+        config, changed in place, names others; null unloads) and, for the cost-aware pruner, its cost
+        model (measured once per machine and pair: seconds to a minute). ``generate`` calls it before
+        its clock starts; call it yourself after changing the config to pay that cost up front."""
         key = (self.config.affine_alignment.alignment_checkpoint, self.config.acceptance_predictor.checkpoint,
                self.config.model.draft_model_name)
         if key != self._learned_key:
-            self.alignment, self.predictor = self._load_learned(self.config)
+            self.alignment, self.predictor = self.resources.learned(self.config, self.target_model, self.drafter,
+                                                                    self.device)
             self._learned_key = key
-
-    def _load_learned(self, config: SpeculativeDecodingConfig):
-        """The alignment and acceptance predictor named in the config, checked against this pair."""
-        from models.learned.acceptance_predictor import load_predictor
-        from models.learned.affine_alignment import load_alignment
-
-        if self.drafter is None:
-            return None, None
-        loaded = {}
-        for kind, name, load in (("alignment", config.affine_alignment.alignment_checkpoint, load_alignment),
-                                 ("predictor", config.acceptance_predictor.checkpoint, load_predictor)):
-            if not name:
-                loaded[kind] = None
-                continue
-            path = resolve_checkpoint(name, kind, config.model.draft_model_name)
-            if (kind, path) not in self._learned_cache:  # loaded once per decoder, checked against the pair
-                self._learned_cache[kind, path] = load(path, target=self.target_model,
-                                                       draft=self.drafter.identity_module, device=self.device)
-            loaded[kind] = self._learned_cache[kind, path]
-        if loaded["predictor"] is not None and loaded["predictor"].uses_alignment and loaded["alignment"] is None:
-            raise ConfigError(f"the acceptance predictor {config.acceptance_predictor.checkpoint} reads aligned "
-                              "features: also set affine_alignment.alignment_checkpoint (e.g. affine_alignment=demo)")
-        return loaded["alignment"], loaded["predictor"]
+        if self.drafter is not None and self.config.pruning.strategy == "cost_aware":
+            self.resources.cost_model(self)
 
     # ------------------------------------------------------------------ public API
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, on_step=None,
@@ -300,14 +151,13 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------ the decode loop
     def _run(self, input_ids, max_new_tokens, overrides, on_step=None) -> Iterator[tuple[torch.Tensor, GenerationStats]]:
         self.config.validate()  # configs are changed in place: check at use, not only when built
-        self._sync_learned()
         cfg = self._decoding(overrides)
+        self.prepare()
         max_new = cfg.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if max_new < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new}")
         input_ids = self._check_input(input_ids)
-        prompt = input_ids[0].tolist()
-        out = list(prompt)
+        out = input_ids[0].tolist()
         for emitted, stats in self._decode(input_ids, max_new, cfg, on_step):
             out += emitted
             yield torch.tensor([out], dtype=torch.long), stats
@@ -315,82 +165,56 @@ class SpeculativeDecoder:
     def _decode(self, input_ids: torch.Tensor, max_new: int, cfg, on_step=None) -> Iterator[tuple[list[int], GenerationStats]]:
         """Yields (tokens emitted by this step, running stats) until a stop condition."""
         stats = GenerationStats(method=cfg.method, prompt_tokens=input_ids.shape[1])
-        pruner = self._pruner() if cfg.method == "tree" else None  # may profile costs once: before the clock
-        timer = _Timer(stats, self.device)
-        generator = None
-        to_probs = None
-        if not cfg.greedy:
-            generator = torch.Generator(device=self.device)  # its own: the global RNG is untouched
-            if cfg.seed is None:
-                generator.seed()  # fresh, non-deterministic randomness per call (as HF generate)
-            else:
-                generator.manual_seed(cfg.seed)
-            to_probs = partial(logits_to_probs, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        generator, to_probs = self._sampler(cfg)  # both None when greedy
         search = self._search(cfg, to_probs, features=on_step is not None) if cfg.method != "target_only" else None
+        pruner = self._pruner(search) if cfg.method == "tree" else None
         scored = search is not None and search.scorer is not None
-        if pruner is not None:
-            # Stop drafting deeper once the pruner would cut (or not pay for) every node of the next level.
-            search.stop_rule = lambda tree, frontier, widths: pruner.stop_drafting(
-                tree, frontier, pruner.cost.draft_total(widths) if pruner.cost is not None else 0.0, search.random_draws)
-        limit = min(max_new, self.context_limit - input_ids.shape[1])  # new tokens we may emit
         t = self.config.tree_search
-        lookup_tokens = t.lookup_tokens if search is not None else 0
-        lookup = PromptLookup(input_ids[0].tolist(), t.lookup_max_ngram, t.lookup_min_ngram) if lookup_tokens else None
-        span = lookup_tokens  # copy mode: grows while whole copies are accepted (tree_search.lookup_max_tokens)
-
-        # 0. Prefill: the target's last logits give the first token (the first root).
-        cache = new_cache(self.target_model)
-        # A feature-conditioned draft (EAGLE style) reads the target's final hidden states.
+        copying = CopyBranch(input_ids[0].tolist(), t) if search is not None and t.lookup_tokens else None
+        limit = min(max_new, self.context_limit - input_ids.shape[1])  # new tokens we may emit
+        at_limit = "max_new_tokens" if max_new <= self.context_limit - input_ids.shape[1] else "context"
+        # A feature-conditioned draft (EAGLE style) reads the target's hidden states; so do observers.
         want_hidden = search is not None and (getattr(self.drafter, "needs_target_hidden", False) or on_step is not None)
+        timer = PhaseTimer(stats, self.device)
+
+        # 0. Prefill the target (and the draft); the target's last logits give the first root.
+        cache = new_cache(self.target_model)
         with torch.no_grad():
             out = self.target_model(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True,
                                     logits_to_keep=1, output_hidden_states=want_hidden)
         logits = _finite(out.logits[0, -1], "prefill")  # [V]
-        root = int(logits.argmax()) if to_probs is None else int(torch.multinomial(to_probs(logits), 1, generator=generator))
+        root = _pick(logits, to_probs, generator)
         context = self._context(logits, to_probs, 0) if scored else None
         if search is not None:  # [T, F]: what the drafter reads of the target (None for an independent draft)
             self.drafter.prefill(input_ids.to(self.device), target_hidden=target_features(self.drafter, out))
         del out
-        at_limit = "max_new_tokens" if max_new <= self.context_limit - input_ids.shape[1] else "context"
         first, stats.stop_reason = self._truncate([root], 0, limit, at_limit)
-        if lookup is not None:
-            lookup.extend(first)
+        if copying is not None:
+            copying.lookup.extend(first)
         stats.target_forwards, stats.new_tokens = 1, 1
         timer.lap("prefill")
         yield first, stats
         timer.pause_until_resumed()
         while not stats.stop_reason:
-            # 1. Draft a tree under the root; never deeper than what may still be emitted.
             room = limit - stats.new_tokens - 1  # draft tokens that could still be emitted
-            depth = min(search.shape.max_depth, room) if search is not None else 0
-            if depth > 0:
-                scored_s = search.scorer.seconds if scored else 0.0
-                tree = search.grow(self.drafter, root, depth, generator, context)
-                stats.draft_forwards += search.levels_run
-                timer.lap("draft")
-                if scored:  # 2. align + predict ran inside the search: book it as its own phase
-                    timer.move("draft", "score", search.scorer.seconds - scored_s)
-            else:
-                tree = DraftTree.from_root(root)
-                timer.lap("draft")
-            # 3. Prune: the sub-tree worth verifying (closed under ancestors).
+            # 1. Draft a tree under the root, never deeper than what may still be emitted;
+            # 2. score its nodes (align + predict) inside the search, booked as their own phase.
+            tree = self._draft(search, root, min(search.shape.max_depth, room) if search else 0, generator, context,
+                               stats, timer)
             drafted = tree
-            stats.nodes_drafted += tree.num_drafted
+            # 3. Prune: the sub-tree worth verifying (closed under ancestors) and its expected yield.
             if pruner is not None and tree.num_drafted:
-                draft_ms = pruner.cost.draft_total(search.level_widths) if pruner.cost is not None else 0.0
-                pruned = pruner.prune(tree, search.random_draws, draft_ms)
+                pruned = pruner.prune(tree, search.random_draws, self._draft_ms(pruner, search))
                 tree, expected = pruned.tree, pruned.expected
                 timer.lap("prune")
-            else:  # what the verified nodes are expected to yield: the sum of their path probabilities
+            else:
                 expected = float(tree.path_probs()[1:].sum()) if tree.num_drafted else 0.0
-            policy_nodes = len(tree)  # the nodes the policy chose; a lookup branch is appended after them
-            copy = []
-            if lookup is not None and room > 0:
-                copy = lookup.propose(min(span, room))
-                added = add_lookup_branch(tree, copy)
-                stats.lookup_nodes += added
+            policy_nodes = len(tree)  # the nodes the policy chose; the copy branch is appended after them
+            # 4. Add the copy branch (prompt lookup): tokens copied from the text so far, free to draft.
+            if copying is not None:
+                stats.lookup_nodes += copying.add_to(tree, room)
                 timer.lap("draft")
-            # 4. Verify: one target forward over root + nodes.
+            # 5. Verify: one target forward over root + nodes; greedy or lossless rejection sampling.
             prefix = cache_length(cache)
             logits, hidden, feats = self._target_tree_forward(tree, prefix, cache, want_hidden)  # [N, V], [N, H], [N, F]
             _finite(logits, f"verify step {stats.steps + 1}")
@@ -402,28 +226,43 @@ class SpeculativeDecoder:
             policy_accepted = sum(1 for n in path[1:] if n < policy_nodes)
             if pruner is not None and policy_nodes > 1:
                 pruner.observe(expected, policy_accepted, search.random_draws)
-            step_context = context
+            if on_step is not None:
+                on_step(StepRecord(tree, logits, hidden, path, nxt, to_probs, context, drafted))
             if scored:  # what the next step's features know: the target's distribution here
                 context = self._context(logits[path[-1]], to_probs, len(path) - 1)
-            if on_step is not None:
-                on_step(StepRecord(tree, logits, hidden, path, nxt, to_probs, step_context, drafted))
-            # 5. Commit: both caches keep prefix + accepted path; nxt is the next root.
+            # 6. Commit: both caches keep prefix + accepted path; nxt becomes the next root.
             keep_tokens(cache, prefix, path)
             if search is not None:
                 self.drafter.commit(tree, path, target_hidden=feats[path] if feats is not None else None)
             timer.lap("commit")
-            emitted = tree.tokens[path[1:]].tolist() + [nxt]
-            # 6. Stop conditions (truncate after EOS or at the limit), then record.
-            emitted, stats.stop_reason = self._truncate(emitted, stats.new_tokens, limit, at_limit)
-            self._record(stats, tree, path, emitted, expected)
-            if lookup is not None:
+            # 7. Stop on EOS or at the limit (truncating what this step emits), then record.
+            accepted = tree.tokens[path[1:]].tolist()
+            emitted, stats.stop_reason = self._truncate(accepted + [nxt], stats.new_tokens, limit, at_limit)
+            stats.record_step(tree, path, emitted, expected)
+            if copying is not None:
                 stats.lookup_accepted += min(len(path) - 1, len(emitted)) - min(policy_accepted, len(emitted))
-                lookup.extend(emitted)
-                span = next_lookup_span(span, copy, tree.tokens[path[1:]].tolist(), lookup_tokens, t.lookup_max_tokens)
+                copying.observe(accepted, emitted)
             root = nxt
             timer.lap("other")
             yield emitted, stats
             timer.pause_until_resumed()
+
+    # ------------------------------------------------------------------ steps of the loop
+    def _draft(self, search: DraftTreeSearch | None, root: int, depth: int, generator, context, stats: GenerationStats,
+               timer: PhaseTimer) -> DraftTree:
+        """Steps 1-2: the drafted (and scored) tree under ``root``; a bare root when ``depth`` is 0."""
+        if depth <= 0:
+            tree = DraftTree.from_root(root)
+            timer.lap("draft")
+        else:
+            scored_s = search.scorer.seconds if search.scorer is not None else 0.0
+            tree = search.grow(self.drafter, root, depth, generator, context)
+            stats.draft_forwards += search.levels_run
+            timer.lap("draft")
+            if search.scorer is not None:
+                timer.move("draft", "score", search.scorer.seconds - scored_s)
+        stats.nodes_drafted += tree.num_drafted
+        return tree
 
     def _target_tree_forward(self, tree: DraftTree, prefix: int, cache, want_hidden: bool = False):
         ids = tree.tokens.unsqueeze(0).to(self.device)  # [1, N]
@@ -452,25 +291,7 @@ class SpeculativeDecoder:
             return emitted[: limit - produced], at_limit
         return emitted, ""
 
-    def _record(self, stats: GenerationStats, tree: DraftTree, path: list[int], emitted: list[int],
-                expected: float) -> None:
-        stats.steps += 1
-        stats.target_forwards += 1
-        stats.new_tokens += len(emitted)
-        stats.drafted_tokens += tree.num_drafted
-        stats.expected_accepted += expected
-        accepted = min(len(path) - 1, len(emitted))
-        stats.accepted_tokens += accepted
-        reachable = accepted
-        if accepted == len(path) - 1 and bool((tree.parents == path[-1]).any()):
-            reachable += 1  # the target rejected every verified child of the last accepted node
-        for counts, depth in ((stats.accepted_per_depth, accepted), (stats.reachable_per_depth, reachable),
-                              (stats.verified_per_depth, tree.max_depth)):
-            counts.extend([0] * (depth - len(counts)))
-            for d in range(depth):
-                counts[d] += 1
-
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ per-call parts
     def _decoding(self, overrides: dict):
         cfg = self.config.decoding
         if overrides:
@@ -481,6 +302,18 @@ class SpeculativeDecoder:
         if cfg.method != "target_only" and self.drafter is None:
             raise ConfigError(f"decoding.method={cfg.method!r} needs a draft model")
         return cfg
+
+    def _sampler(self, cfg):
+        """(generator, to_probs) for a sampling call: its own torch.Generator (the global RNG is untouched),
+        seeded by ``decoding.seed`` or freshly; (None, None) when greedy."""
+        if cfg.greedy:
+            return None, None
+        generator = torch.Generator(device=self.device)
+        if cfg.seed is None:
+            generator.seed()  # fresh, non-deterministic randomness per call (as HF generate)
+        else:
+            generator.manual_seed(cfg.seed)
+        return generator, partial(logits_to_probs, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
 
     def _search(self, cfg, to_probs, features: bool = False) -> DraftTreeSearch:
         """The tree search for this call; it scores nodes when a predictor/alignment is in use or
@@ -500,42 +333,20 @@ class SpeculativeDecoder:
         search.vocab_size = self.vocab_size
         return search
 
-    def _pruner(self):
-        """A fresh TreePruner per generate call (its adaptive state starts over, so a seeded call
-        is reproducible); the cost profile is loaded or measured once per decoder."""
-        from models.policy.tree_pruner import TreePruner
-
+    def _pruner(self, search: DraftTreeSearch) -> TreePruner | None:
+        """A fresh TreePruner per generate call (its adaptive state starts over, so a seeded call is
+        reproducible); it also stops the search from drafting a level it would cut (or not pay for)."""
         p = self.config.pruning
         if p.strategy == "none":
             return None
-        cost = None
-        if p.strategy == "cost_aware":
-            cost = self._cost_model(p.cost_profile)
-        return TreePruner(p, cost)
+        pruner = TreePruner(p, self.resources.cost_model(self) if p.strategy == "cost_aware" else None)
+        search.stop_rule = lambda tree, frontier, widths: pruner.stop_drafting(
+            tree, frontier, pruner.cost.draft_total(widths) if pruner.cost is not None else 0.0, search.random_draws)
+        return pruner
 
-    def _cost_model(self, path: str | None):
-        from models.kernels.fast_linear import linear_kernel
-
-        key = ("cost", path, linear_kernel(self.target_model))  # the kernel changes the curves
-        if key not in self._learned_cache:
-            from models.policy.cost_model import CostModel
-            from models.policy.cost_profile import NODE_COUNTS, WIDTHS, load_or_profile
-
-            if path:
-                try:
-                    self._learned_cache[key] = CostModel.load(Path(path).expanduser())
-                except (OSError, ValueError, KeyError, TypeError) as e:
-                    raise ModelLoadError(f"cost profile {path} is unreadable: {e}; remake it with "
-                                         "scripts/profile_costs.py") from None
-            else:
-                from models.paths import cache_root
-
-                # sizes that fit a short context window beside a cached prefix (the curves extrapolate)
-                room = max(1, self.context_limit // 2)
-                sizes = dict(node_counts=[n for n in NODE_COUNTS if n <= room] or [1],
-                             widths=[w for w in WIDTHS if w + 1 <= room] or [1])
-                self._learned_cache[key] = load_or_profile(self, cache_root(self.config.model.cache_dir) / "costs", **sizes)
-        return self._learned_cache[key]
+    @staticmethod
+    def _draft_ms(pruner: TreePruner, search: DraftTreeSearch) -> float:
+        return pruner.cost.draft_total(search.level_widths) if pruner.cost is not None else 0.0
 
     @staticmethod
     def _context(logits: torch.Tensor, to_probs, accepted: int) -> StepContext:
@@ -562,3 +373,20 @@ class SpeculativeDecoder:
             raise InputError(f"prompt of {input_ids.shape[1]} tokens leaves no room in the context of "
                              f"{self.context_limit} tokens; shorten it to at most {self.context_limit - 1}")
         return input_ids.long()
+
+
+def _finite(logits: torch.Tensor, where: str) -> torch.Tensor:
+    """The target's logits, refused when any is NaN or inf: greedy would pick an arbitrary token
+    and sampling would fail somewhere less clear."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = "NaN" if bool(torch.isnan(logits).any()) else "inf"
+        raise NumericalError(f"the target's logits contain {bad} ({where}, dtype {logits.dtype}); usually an "
+                             "overflow in reduced precision: try model.dtype=bfloat16 or float32")
+    return logits
+
+
+def _pick(logits: torch.Tensor, to_probs, generator) -> int:
+    """The target's token from logits [V]: argmax when greedy, else a draw from the processed distribution."""
+    if to_probs is None:
+        return int(logits.argmax())
+    return int(torch.multinomial(to_probs(logits), 1, generator=generator))

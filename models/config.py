@@ -41,7 +41,7 @@ class ModelConfig:
     attn_implementation: Optional[str]
     cache_dir: Optional[str]
     data_dir: str  # prompt sets; the demo draft is distilled on its train-only files
-    cpu_linear: str = "auto"  # CPU linear kernels: auto | invariant | hybrid | mkl | onednn (models/kernels/fast_linear.py)
+    cpu_linear: str  # CPU linear kernels: auto | invariant | hybrid | mkl | onednn (models/kernels/fast_linear.py)
 
     def __post_init__(self):
         _check(bool(self.target_model_name), "model.target_model_name", self.target_model_name, "must be a local path or 'demo:target'")
@@ -88,7 +88,7 @@ class TreeSearchConfig:
     lookup_tokens: int
     lookup_max_ngram: int
     lookup_min_ngram: int
-    lookup_max_tokens: int = 8  # copy mode: the span doubles after a fully accepted copy, up to this (<= lookup_tokens: fixed)
+    lookup_max_tokens: int  # copy mode: the span doubles after a fully accepted copy, up to this (<= lookup_tokens: fixed)
 
     def __post_init__(self):
         _check(self.mode in TREE_MODES, "tree_search.mode", self.mode, f"one of {TREE_MODES}")

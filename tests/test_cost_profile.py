@@ -94,7 +94,10 @@ def tiny_target():
 
 
 def make_decoder(target, draft, default_config):
-    return SpeculativeDecoder.from_models(target, draft, None, make_config(default_config, "dynamic"))
+    """A decoder whose own pruner needs no profile: the tests below drive the profile cache by hand."""
+    config = make_config(default_config, "dynamic")
+    config = dataclasses.replace(config, pruning=dataclasses.replace(config.pruning, strategy="none"))
+    return SpeculativeDecoder.from_models(target, draft, None, config)
 
 
 def test_cache_is_reused_only_for_the_same_key(tmp_path, monkeypatch, tiny_target, default_config):

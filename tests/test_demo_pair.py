@@ -22,7 +22,7 @@ PROMPTS = ["Why is the sky blue?", "Write a Python function that reverses a stri
 @pytest.fixture(scope="module")
 def pair():
     path = ensure_demo_target()
-    target = load_model(path)
+    target = load_model(path, attn_implementation="sdpa", cpu_linear="mkl")
     return target, make_truncated_draft(target, 2).eval(), load_tokenizer(path)
 
 

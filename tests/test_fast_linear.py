@@ -95,14 +95,14 @@ def test_config_key_and_loading(tmp_path):
 
     tiny_model("llama").save_pretrained(tmp_path / "t")
     tiny_tokenizer().save_pretrained(tmp_path / "t")
-    model = load_model(tmp_path / "t", cpu_linear="onednn")
-    assert linear_kernel(model) and not linear_kernel(load_model(tmp_path / "t"))
+    model = load_model(tmp_path / "t", attn_implementation="sdpa", cpu_linear="onednn")
+    assert linear_kernel(model) and not linear_kernel(load_model(tmp_path / "t", attn_implementation="sdpa", cpu_linear="mkl"))
     fast = SpeculativeDecoder.from_models(model, None, None, SpeculativeDecodingConfig.from_overrides(
         ["decoding.method=target_only"]))
     assert cost_key(fast)["cpu_linear"] == "onednn"
-    hybrid = load_model(tmp_path / "t", cpu_linear="hybrid")
+    hybrid = load_model(tmp_path / "t", attn_implementation="sdpa", cpu_linear="hybrid")
     assert linear_kernel(hybrid) == "hybrid"
     ids = torch.randint(2, 96, (1, 9))
     with torch.no_grad():  # one row through oneDNN, several through MKL: both equal the plain model's
         torch.testing.assert_close(hybrid(ids[:, :1]).logits, model(ids[:, :1]).logits, atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(hybrid(ids).logits, load_model(tmp_path / "t")(ids).logits, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(hybrid(ids).logits, load_model(tmp_path / "t", attn_implementation="sdpa", cpu_linear="mkl")(ids).logits, atol=1e-4, rtol=1e-5)

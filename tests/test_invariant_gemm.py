@@ -172,7 +172,7 @@ def test_config_and_loading(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "t")
     tiny_tokenizer().save_pretrained(tmp_path / "t")
     for mode in ("invariant", "auto"):
-        model = load_model(tmp_path / "t", cpu_linear=mode)
+        model = load_model(tmp_path / "t", attn_implementation="sdpa", cpu_linear=mode)
         assert linear_kernel(model) == "invariant"
     fast = SpeculativeDecoder.from_models(model, None, None, SpeculativeDecodingConfig.from_overrides(
         ["decoding.method=target_only"]))

@@ -31,7 +31,7 @@ from models.decoding.tree import DraftTree
 class PromptLookup:
     """Token history of one sequence with an index n-gram -> where its latest continuation starts."""
 
-    def __init__(self, tokens: list[int], max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, tokens: list[int], max_ngram: int, min_ngram: int):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -71,6 +71,33 @@ def next_lookup_span(span: int, copy: list[int], accepted: list[int], base: int,
     if accepted[:len(copy)] == copy:
         return min(2 * span, max_span) if len(copy) == span else span  # shorter: the text ran out, not the copy
     return base
+
+
+class CopyBranch:
+    """The prompt-lookup branch of one ``generate`` call: the n-gram index over the text so far and the
+    copy-mode span (``tree_search.lookup_tokens`` .. ``lookup_max_tokens``).
+
+        branch = CopyBranch(prompt_tokens, config.tree_search)
+        added = branch.add_to(tree, room)      # after pruning: merge the copied chain, return new nodes
+        branch.observe(accepted, emitted)      # after verification: grow the index, adapt the span
+    """
+
+    def __init__(self, tokens: list[int], tree_search):
+        self.lookup = PromptLookup(tokens, tree_search.lookup_max_ngram, tree_search.lookup_min_ngram)
+        self.base, self.max_span = tree_search.lookup_tokens, tree_search.lookup_max_tokens
+        self.span = self.base
+        self.copy: list[int] = []  # the last proposed chain
+
+    def add_to(self, tree: DraftTree, room: int) -> int:
+        """Merge a copied chain of at most ``min(span, room)`` tokens into ``tree``; the new node count."""
+        self.copy = self.lookup.propose(min(self.span, room)) if room > 0 else []
+        return add_lookup_branch(tree, self.copy)
+
+    def observe(self, accepted: list[int], emitted: list[int]) -> None:
+        """``accepted``: the drafted tokens the target kept this step; ``emitted``: every token committed."""
+        self.lookup.extend(emitted)
+        self.span = next_lookup_span(self.span, self.copy, accepted, self.base, self.max_span)
+        self.copy = []
 
 
 def add_lookup_branch(tree: DraftTree, chain: list[int]) -> int:

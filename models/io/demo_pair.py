@@ -68,7 +68,7 @@ def shipped_checkpoint(kind: str, draft_name: str | None) -> Path:
     path = CHECKPOINTS / f"{_SHIPPED_LEARNED[draft_name]}-{kind}"
     if not path.is_dir():
         raise ModelLoadError(f"the shipped demo {kind} checkpoint {path} is missing; remake it with "
-                             f"scripts/collect_traces.py and scripts/train_{kind}.py (README: the learned core)")
+                             f"scripts/collect_traces.py and scripts/train_{kind}.py (docs/learned-core.md)")
     return path
 
 

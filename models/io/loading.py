@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.decoding.drafter import Drafter
+from models.config import default_config
 from models.drafters.eagle import META, EagleDrafter, is_eagle_draft, load_eagle_draft
 from models.errors import ConfigError, ModelLoadError, VocabularyMismatchError
 from models.io import demo_pair
@@ -49,7 +50,7 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> Path:
         return demo_pair.find_demo_draft_lm(cache_dir)
     path = Path(name).expanduser()
     if not path.exists():
-        hint = (" It looks like a hub id; model hubs are not reachable here, so download the model elsewhere "
+        hint = (" It looks like a hub id; treespec loads models from local directories only (no hub downloads), so download the model elsewhere "
                 "and pass its local directory." if "/" in name and not name.startswith((".", "/", "~")) else "")
         raise ModelLoadError(f"model path does not exist: {name!r}.{hint}")
     if not (path / "config.json").is_file() and not is_eagle_draft(path):
@@ -66,11 +67,18 @@ def resolve_checkpoint(name: str, kind: str, draft_name: str | None) -> Path:
     return Path(name).expanduser()
 
 
-def load_model(path: str | Path, device: str, dtype: str, attn_implementation: str | None, cpu_linear: str):
-    """An HF causal LM in eval mode on ``device``. ``cpu_linear`` routes its CPU linear layers to a kernel
+def load_model(path: str | Path, device: str | None = None, dtype: str | None = None,
+               attn_implementation: str | None = None, cpu_linear: str | None = None):
+    """An HF causal LM in eval mode on ``device``; arguments left None take the ``model`` group's
+    defaults (configs/model/demo.yaml). ``cpu_linear`` routes its CPU linear layers to a kernel
     (``models.kernels.fast_linear``); ``attn_implementation`` is transformers' (``sdpa``, ``eager``, ...) or
     ``invariant``: treespec's batch-invariant attention (``models/kernels/invariant_attention.py``; an
     architecture that cannot take it is loaded with ``sdpa``, logged)."""
+    d = default_config().model
+    device = d.device if device is None else device
+    dtype = d.dtype if dtype is None else dtype
+    attn_implementation = d.attn_implementation if attn_implementation is None else attn_implementation
+    cpu_linear = d.cpu_linear if cpu_linear is None else cpu_linear
     requested = attn_implementation
     if attn_implementation == "invariant":  # treespec's batch-invariant attention (models/kernels/invariant_attention.py)
         attn_implementation = register_invariant_attention()

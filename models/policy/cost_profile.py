@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import transformers
 
 from models.checkpoint import fingerprint
+from models.config import default_config
 from models.decoding.drafter import target_features
 from models.decoding.kv_cache import cache_length, keep_tokens, new_cache
 from models.decoding.tree import DraftTree
@@ -44,11 +46,17 @@ from models.kernels.invariant_gemm import source_digest
 from models.paths import cache_root
 from models.policy.cost_model import CostModel
 
-NODE_COUNTS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-WIDTHS = (1, 2, 3, 4, 6, 8)
+
+
+def profile_defaults() -> dict:
+    """The sizes and repeats of ``configs/profile_costs/default.yaml`` (their one home)."""
+    p = default_config().profile_costs
+    return dict(node_counts=tuple(p.node_counts), widths=tuple(p.widths), context=int(p.context),
+                repeats=int(p.repeats), warmup=int(p.warmup))
+
 SIGNATURE_VALUES = 8  # weight-signature values of each model in the key
 
-__all__ = ["profile_costs", "load_or_profile", "cost_key", "cost_file", "plot_costs", "NODE_COUNTS", "WIDTHS"]
+__all__ = ["profile_costs", "load_or_profile", "cost_key", "cost_file", "plot_costs", "profile_defaults"]
 
 
 # ---------------------------------------------------------------------- identity of a measurement
@@ -77,12 +85,14 @@ def _model_identity(module: torch.nn.Module | None, fallback: str | None = None)
     return {"class": fp["class"], "config_hash": fp["config_hash"], "signature": fp["signature"][:SIGNATURE_VALUES]}
 
 
-def cost_key(decoder, context: int = 200, node_counts: Sequence[int] = NODE_COUNTS,
-             widths: Sequence[int] = WIDTHS) -> dict:
+def cost_key(decoder, context: int | None = None, node_counts: Sequence[int] | None = None,
+             widths: Sequence[int] | None = None) -> dict:
     """What a profile of ``decoder`` made now would be measured for (JSON-normalised, so it compares
-    equal to the key read back from a file)."""
-    import transformers
-
+    equal to the key read back from a file). Sizes left None come from ``profile_defaults()``."""
+    d = profile_defaults()
+    context = d["context"] if context is None else context
+    node_counts = d["node_counts"] if node_counts is None else node_counts
+    widths = d["widths"] if widths is None else widths
     target, drafter = decoder.target_model, decoder.drafter
     draft_module = drafter.identity_module if drafter is not None else None
     key = {
@@ -128,8 +138,8 @@ def default_cache_dir(decoder=None) -> Path:
     return cache_root(cache_dir) / "costs"
 
 
-def cost_file(decoder, cache_dir: str | Path | None = None, context: int = 200,
-              node_counts: Sequence[int] = NODE_COUNTS, widths: Sequence[int] = WIDTHS) -> Path:
+def cost_file(decoder, cache_dir: str | Path | None = None, context: int | None = None,
+              node_counts: Sequence[int] | None = None, widths: Sequence[int] | None = None) -> Path:
     """The JSON file a profile for this key lives in: ``<cache_dir>/costs-<hash of key>.json``."""
     return _path_for(cost_key(decoder, context, node_counts, widths), cache_dir, decoder)
 
@@ -172,14 +182,21 @@ def random_tree(n: int, vocab: int, generator: torch.Generator) -> DraftTree:
 
 
 @torch.no_grad()
-def profile_costs(decoder, node_counts: Sequence[int] = NODE_COUNTS, widths: Sequence[int] = WIDTHS,
-                  context: int = 200, repeats: int = 7, warmup: int = 2, seed: int = 0) -> CostModel:
+def profile_costs(decoder, node_counts: Sequence[int] | None = None, widths: Sequence[int] | None = None,
+                  context: int | None = None, repeats: int | None = None, warmup: int | None = None,
+                  seed: int = 0) -> CostModel:
     """Measure verify ms per tree size N and draft ms per frontier width F with ``decoder``'s models.
 
     Medians of ``repeats`` timed calls after ``warmup`` untimed ones per point. A decoder without a
     drafter (target only) gets an empty draft curve. The decoder stays usable (its next ``generate``
-    prefills everything afresh).
+    prefills everything afresh). Sizes left None come from ``profile_defaults()``.
     """
+    d = profile_defaults()
+    node_counts = d["node_counts"] if node_counts is None else node_counts
+    widths = d["widths"] if widths is None else widths
+    context = d["context"] if context is None else context
+    repeats = d["repeats"] if repeats is None else repeats
+    warmup = d["warmup"] if warmup is None else warmup
     node_counts = sorted({int(n) for n in node_counts})
     widths = sorted({int(w) for w in widths}) if decoder.drafter is not None else []
     if not node_counts or node_counts[0] < 1 or (widths and widths[0] < 1):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from models.config import default_config
 from models.errors import ConfigError
 from models.paths import cache_root, repo_path
 from speculative_decoder import load_model, load_tokenizer, resolve_model_path
@@ -41,12 +42,13 @@ def teacher_dir(root: Path, target_name: str, tcfg, prefix: str = "teacher") -> 
     return root / f"{prefix}-{digest}"
 
 
-def ensure_teacher(target_dir: Path, target_name: str, tcfg, data_dir: Path, cache: Path, device: str = "cpu",
+def ensure_teacher(target_dir: Path, target_name: str, tcfg, data_dir: Path, cache: Path, device: str,
                    prefix: str = "teacher", forbid=EVAL_SETS, progress: bool = True,
-                   cpu_linear: str = "auto") -> list[Path]:
+                   cpu_linear: str | None = None) -> list[Path]:
     """All teacher shards of ``tcfg`` (made where missing). ``cpu_linear``: the target's CPU linear
     kernel while it answers (``model.cpu_linear``; only float rounding differs between kernels,
-    so it is not part of the folder's key)."""
+    so it is not part of the folder's key; None: the model group's default)."""
+    cpu_linear = default_config().model.cpu_linear if cpu_linear is None else cpu_linear
     # auto -> the dtype it means here, before it keys the folder (bf16 and fp32 teachers differ slightly)
     tcfg = OmegaConf.merge(tcfg, {"dtype": resolve_dtype(tcfg.dtype, device, "draft.teacher.dtype")})
     out = teacher_dir(cache, target_name, tcfg, prefix)
@@ -57,7 +59,7 @@ def ensure_teacher(target_dir: Path, target_name: str, tcfg, data_dir: Path, cac
     if all(p.is_file() for p in paths):
         return paths
 
-    model, tok = load_model(target_dir, device, tcfg.dtype, cpu_linear=cpu_linear), load_tokenizer(target_dir)
+    model, tok = load_model(target_dir, device, tcfg.dtype, "sdpa", cpu_linear), load_tokenizer(target_dir)
     log.info("teacher data -> %s (%d prompts, %d shards)", out, len(prompts), n)
     return teacher_data.build_shards(model, tok, prompts, out, tcfg,
                                      {"target": target_name, "dtype": tcfg.dtype}, progress=progress)
@@ -77,7 +79,7 @@ def train_draft(cfg, tracker=None) -> Path:
     teacher_s = time.time() - t0
     data = teacher_data.load_shards(shards)
 
-    target = load_model(target_dir, cfg.model.device, "float32")
+    target = load_model(target_dir, cfg.model.device, "float32", "sdpa", "mkl")  # frozen teacher for the head
     out = repo_path(cfg.out_dir) if cfg.get("out_dir") else cache / f"smollm2-135m-draft-{dcfg.tag}"
     teacher = dict(teacher_shards=len(shards), teacher_dir=str(shards[0].parent.name),
                    teacher_answer_tokens=sum(m["answer_tokens"] for m in data["meta"]),

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
+from models.config import default_config
 from models.learned.acceptance_predictor import AcceptanceProbabilityPredictor
 from models.learned.node_features import C2T_FEATURES, COLUMN, select_columns
 
@@ -34,11 +35,22 @@ def _numpy(a) -> np.ndarray:
     return (a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)).astype(np.float64)
 
 
-def train_mlp(x_full, y, feature_names: list[str] | tuple[str, ...], hidden: tuple[int, ...] = (64, 64),
-              epochs: int = 30, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 1024,
-              val_fraction: float = 0.1, seed: int = 0, patience: int = 5,
+def fit_settings(**given) -> dict:
+    """The MLP's training settings: ``given`` where not None, else configs/train_predictor/default.yaml."""
+    d = default_config().train_predictor
+    keys = ("hidden", "epochs", "lr", "weight_decay", "batch_size", "val_fraction", "patience", "seed")
+    out = {k: given[k] if given.get(k) is not None else d[k] for k in keys}
+    out["hidden"] = tuple(out["hidden"])
+    return out
+
+
+def train_mlp(x_full, y, feature_names: list[str] | tuple[str, ...], hidden: tuple[int, ...] | None = None,
+              epochs: int | None = None, lr: float | None = None, weight_decay: float | None = None,
+              batch_size: int | None = None, val_fraction: float | None = None, seed: int | None = None,
+              patience: int | None = None,
               progress: Callable[[int, float, float], None] | None = None) -> AcceptanceProbabilityPredictor:
     """An ``AcceptanceProbabilityPredictor`` fitted by BCE-with-logits (AdamW) on x_full [N, NUM_FEATURES], y [N].
+    Settings left None come from ``train_predictor`` (``fit_settings``).
 
     A seeded ``val_fraction`` of the rows is held out for early stopping: training stops after
     ``patience`` epochs without a better validation loss and the best epoch's weights are returned
@@ -46,6 +58,10 @@ def train_mlp(x_full, y, feature_names: list[str] | tuple[str, ...], hidden: tup
     Deterministic for a given seed (on CPU); the global RNG is left untouched. Temperature stays 1:
     calibrate with ``fit_temperature`` on other rows. ``progress(epoch, train_loss, val_loss)`` is
     called after every epoch (val_loss NaN without a validation split)."""
+    s = fit_settings(hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                     val_fraction=val_fraction, seed=seed, patience=patience)
+    hidden, epochs, lr, weight_decay = s["hidden"], s["epochs"], s["lr"], s["weight_decay"]
+    batch_size, val_fraction, seed, patience = s["batch_size"], s["val_fraction"], s["seed"], s["patience"]
     x, t = _tensor(x_full), _tensor(y)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=g)
@@ -169,8 +185,8 @@ def draft_probability(x_full) -> np.ndarray:
 
 
 def predictor_report(x_train, y_train, x_cal, y_cal, x_test, y_test, feature_names: list[str] | tuple[str, ...],
-                     hidden: tuple[int, ...] = (64, 64), epochs: int = 30, lr: float = 1e-3, seed: int = 0,
-                     progress: Callable[[int, float, float], None] | None = None
+                     hidden: tuple[int, ...] | None = None, epochs: int | None = None, lr: float | None = None,
+                     seed: int | None = None, progress: Callable[[int, float, float], None] | None = None
                      ) -> tuple[AcceptanceProbabilityPredictor, AcceptanceProbabilityPredictor, dict, dict]:
     """Train on train, calibrate T on cal, report on test: (predictor, C2T baseline model, report,
     probs for plots).
