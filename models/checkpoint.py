@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from models.errors import ModelLoadError
 
@@ -64,7 +65,6 @@ def identity_mismatch(expected: dict, found: dict) -> str | None:
 
 def save_checkpoint(out_dir: str | Path, kind: str, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write ``<kind>.safetensors`` + ``<kind>.json`` atomically (a crash never leaves a half file)."""
-    from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,6 @@ def save_checkpoint(out_dir: str | Path, kind: str, tensors: dict[str, torch.Ten
 def load_checkpoint(path: str | Path, kind: str, spec_versions: tuple[int, ...] | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, meta) of the ``kind`` checkpoint in ``path`` (a directory or its json/safetensors)."""
-    from safetensors.torch import load_file
 
     path = Path(path).expanduser()
     if path.is_file():

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Any, List, Optional
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -218,10 +222,6 @@ def _structured(cls: type, values, name: str):
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """Compose ``configs/config.yaml`` with Hydra (outside a running Hydra app)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
 
     gh = GlobalHydra.instance()
     running = gh.hydra  # a @hydra.main app may be running: put its state back afterwards

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,12 @@ def test_imports_run_one_way_without_circles():
     for m in graph:
         if m not in state:
             visit(m, [m])
+
+
+def test_every_package_ships():
+    """pyproject.toml lists every package folder (a plain install would silently drop a new one)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for d in ("models", "training")
+             for p in (ROOT / d).rglob("__init__.py")}
+    assert found | {"treespec_configs"} == set(project["packages"])
+    assert project["package-dir"]["treespec_configs"] == "configs"

@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from models.paths import REPO_ROOT
 from models.policy.cost_profile import (
@@ -130,7 +131,6 @@ def provenance(cfg=None, device: torch.device | str | None = None, root: str | P
     out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(sys.argv), "git": git_info(root),
            "packages": package_versions(Path(root) / "requirements.txt"), "machine": machine_info(device)}
     if cfg is not None:
-        from omegaconf import DictConfig, OmegaConf
 
         out["config"] = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     return out

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.decoding.drafter import Drafter
@@ -198,7 +199,6 @@ class EagleHead(nn.Module):
 # ---------------------------------------------------------------------- checkpoints
 def save_eagle_draft(head: EagleHead, out_dir: str | Path, meta: dict | None = None,
                      dtype: torch.dtype = torch.float16) -> Path:
-    from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +216,6 @@ def is_eagle_draft(path: str | Path) -> bool:
 def load_eagle_draft(path: str | Path, target, dtype: torch.dtype | None = None) -> EagleHead:
     """The head saved in ``path``, wired to ``target``'s embedding and lm_head. Clear errors for a
     corrupt file or a head made for another target (hidden size / vocabulary)."""
-    from safetensors.torch import load_file
 
     path = Path(path)
     try:

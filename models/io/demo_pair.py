@@ -27,8 +27,10 @@ import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
 from filelock import FileLock
 from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from models.checkpoint import atomic_dir
 from models.errors import ConfigError, ModelLoadError
@@ -142,8 +144,6 @@ def ensure_demo_target(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _convert_target(out: Path, gguf: Path) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     log.info("converting %s to safetensors in %s (once, ~40 s)", gguf.name, out)

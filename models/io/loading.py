@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.decoding.drafter import Drafter
 from models.config import default_config
+from models.decoding.drafter import Drafter
 from models.drafters.eagle import META, EagleDrafter, is_eagle_draft, load_eagle_draft
 from models.errors import ConfigError, ModelLoadError, VocabularyMismatchError
 from models.io import demo_pair

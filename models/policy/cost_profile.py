@@ -47,7 +47,6 @@ from models.paths import cache_root
 from models.policy.cost_model import CostModel
 
 
-
 def profile_defaults() -> dict:
     """The sizes and repeats of ``configs/profile_costs/default.yaml`` (their one home)."""
     p = default_config().profile_costs

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.checkpoint import atomic_dir
 from models.decoding.prompts import exchange_ids
@@ -60,7 +62,6 @@ def make_truncated_draft(target, num_layers: int):
     Parameter names of the kept modules are the same in both models (layers are indexed from 0),
     so copying by name works for any HF causal LM (Llama, Qwen2, GPT-2, GPT-NeoX, OPT, ...).
     """
-    from transformers import AutoModelForCausalLM
 
     total = target.config.num_hidden_layers
     if not 1 <= num_layers <= total:
@@ -213,7 +214,6 @@ def distill(student, teacher, batches, cfg, progress: bool = True, state_path: P
     ``state_path``: resumable; the student, optimizer and losses are saved there every
     ``save_every`` steps (atomically) and a rerun continues from the last save. The batch order is
     fixed, so a resumed run takes the same steps as an uninterrupted one."""
-    from tqdm.auto import tqdm
 
     teacher_logits = (lambda ids, sel, *_: _logits_at(teacher, ids, sel)) if isinstance(teacher, torch.nn.Module) \
         else teacher
@@ -292,7 +292,6 @@ def agreement(draft, batches, reference: list[torch.Tensor], k: int = 4) -> dict
 
 def build_quick_draft(target_dir, out_dir, cfg, data_dir, progress: bool = True) -> Path:
     """Make, train, evaluate and save the draft; ``out_dir`` appears only once it is complete."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     target_dir, out_dir = Path(target_dir), Path(out_dir)

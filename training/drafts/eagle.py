@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from models.drafters.eagle import EagleConfig, EagleHead, save_eagle_draft
 from models.errors import ConfigError
@@ -163,7 +165,6 @@ def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=N
                 meta: dict | None = None) -> dict:
     """Train (or resume) the head; write the fp16 draft to ``out_dir`` with the summary plus ``meta``
     (e.g. where the teacher data came from) in its json. Returns the summary dict."""
-    from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
     device = next(target.parameters()).device
@@ -265,6 +266,5 @@ def _save_ckpt(path: Path, head, opt, step, history, elapsed, recipe, vocab, los
 
 
 def _plain(cfg) -> dict:
-    from omegaconf import OmegaConf
 
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)

@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from omegaconf import OmegaConf
 
 from models.decoding.drafter import Drafter, target_features
 from models.decoding.kv_cache import keep_tokens, new_cache
@@ -91,7 +92,6 @@ def eval_continuations(cfg, feature_layers=None) -> tuple[dict, list[str]]:
     """The fp32 target's greedy continuations of ``cfg.eval_draft``'s prompts (written once, cached as
     teacher-format shards in $TREESPEC_CACHE/evalset-<hash>/) and each sequence's prompt category.
     ``feature_layers`` (an EAGLE-3 style draft's) also stores the target's states at those layers."""
-    from omegaconf import OmegaConf
 
     e, m = cfg.eval_draft, cfg.model
     target_dir = resolve_model_path(m.target_model_name, m.cache_dir)

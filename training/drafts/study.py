@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from models.checkpoint import atomic_dir
 from models.errors import ConfigError, ModelLoadError
@@ -99,7 +100,6 @@ def _study_config(target_config, shape: Shape):
 
 def layer_params(target, shape: Shape) -> int:
     """Parameters of the shape's decoder layers (built on the meta device: nothing is allocated)."""
-    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(_study_config(target.config, shape))
@@ -119,7 +119,6 @@ def check_equal_budget(target, shapes: list[Shape], tolerance: float) -> dict[st
 
 def make_study_draft(target, shape: Shape, seed: int):
     """A draft of ``shape``: fresh seeded decoder layers; the target's embeddings, final norm and lm_head."""
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     draft = AutoModelForCausalLM.from_config(_study_config(target.config, shape), dtype=target.dtype)

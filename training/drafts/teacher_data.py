@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from models.decoding.prompts import prompt_ids
 from models.errors import ConfigError, ModelLoadError
@@ -195,7 +196,6 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, pad_id:
 def build_shards(model, tokenizer, prompts: list[dict], out_dir: Path, cfg, meta: dict,
                  progress: bool = True) -> list[Path]:
     """Generate the teacher shards for ``prompts`` (resumable). Returns every shard path."""
-    from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     eos_ids = {int(t) for t in ([model.generation_config.eos_token_id] if isinstance(

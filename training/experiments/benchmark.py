@@ -41,6 +41,7 @@ Spec-Bench reports them), so a category's numbers are exactly the sums over its 
 from __future__ import annotations
 
 import dataclasses
+import resource
 import sys
 import time
 from contextlib import contextmanager
@@ -200,7 +201,6 @@ class PeakMemory:
     @staticmethod
     def process_peak_rss() -> int:
         """ru_maxrss in bytes (Linux reports KiB, macOS bytes)."""
-        import resource  # Unix only
 
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)

@@ -10,6 +10,7 @@ temperature. Plots use matplotlib's object API (``matplotlib.figure.Figure``), n
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from training.experiments.benchmark import BASELINES, HF_METHODS, OUTSIDE, PHASE_KEYS
@@ -113,7 +114,6 @@ def print_report(out: dict, console) -> None:
 
 def make_console(width: int = 100):
     """A rich Console: the terminal's width on a terminal, else ``width`` columns (logs, pipes)."""
-    import sys
 
     from rich.console import Console
 

@@ -31,7 +31,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from models.paths import repo_path
 
@@ -158,7 +160,6 @@ def parse_overrides(lines: list[str]) -> tuple[dict[str, str], dict[str, object]
     """Hydra overrides -> ({key: value as typed}, {key: parsed value}); ``+``/``++``/``~`` kept in the key."""
     shown, values = {}, {}
     try:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
 
         for o in OverridesParser.create().parse_overrides(list(lines)):
             key = o.input_line.split("=", 1)[0]
@@ -208,8 +209,6 @@ def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     if not path.is_file():
         return None
     try:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-        from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(path)
         if "basic" not in str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="basic")).lower():
@@ -233,7 +232,6 @@ def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
 
 
 def read_job(job_dir: Path, sweep_dir: Path) -> Job:
-    from omegaconf import OmegaConf
 
     try:
         lines = [str(x) for x in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
@@ -291,7 +289,6 @@ def result_files(job_dir: Path) -> list[Path]:
 def shared_results(job_dir: Path, output_dir: str | None, overrides: dict[str, str]) -> list[Path]:
     """Jobs that shared output_dir (basic launcher): the result there whose embedded config matches
     this job's config on every overridden key, the earliest written after the job started."""
-    from omegaconf import OmegaConf
 
     try:
         cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
@@ -324,7 +321,6 @@ def shared_results(job_dir: Path, output_dir: str | None, overrides: dict[str, s
 
 
 def _same(cfg, embedded: dict, key: str) -> bool:
-    from omegaconf import OmegaConf
 
     mine = _safe(lambda: OmegaConf.select(cfg, key, throw_on_missing=False))
     if mine is not None and OmegaConf.is_config(mine):

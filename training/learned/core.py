@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from models.checkpoint import fingerprint, identity_mismatch
 from models.errors import ConfigError, ModelLoadError
@@ -162,7 +163,6 @@ def node_feature_matrix(traces: dict, alignment: AffineAlignment | None, lm_head
     cols = [COLUMN[n] for n in ALIGNED_FEATURES]
     order = torch.argsort(pp)
     bounds = torch.searchsorted(pp[order], torch.arange(0, len(dn) + chunk, chunk))
-    from tqdm import tqdm
 
     for c in tqdm(range(len(bounds) - 1), desc="aligned features", unit="chunk", leave=False):
         rows = order[bounds[c]:bounds[c + 1]]

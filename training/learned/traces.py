@@ -37,8 +37,10 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from models.checkpoint import fingerprint
 from models.config import SpeculativeDecodingConfig
@@ -149,7 +151,6 @@ def collect(decoder, prompts: list[dict], out_dir: Path, settings: dict, shard_p
     Finished shards are kept (resume); returns every shard path, finished ones included.
     """
 
-    from tqdm import tqdm
 
     if decoder.config.tree_search.lookup_tokens:
         raise ConfigError("traces record what the draft proposes and how verification decides it; the "
@@ -270,7 +271,6 @@ def split_by_prompt(prompt: torch.Tensor, fractions: tuple[float, ...], seed: in
 def _search_settings(tree_search) -> dict:
     """The trace run's tree search as it enters the cache key; the prompt-lookup keys only when the
     lookup is on, so trace folders made before those keys existed keep their names."""
-    from omegaconf import OmegaConf
 
     d = OmegaConf.to_container(tree_search)
     if not d.get("lookup_tokens"):
@@ -280,7 +280,6 @@ def _search_settings(tree_search) -> dict:
 
 def run_collect(cfg, tracker=None) -> Path:
     """The pipeline behind scripts/collect_traces.py: decoder with the trace tree, prompts, shards."""
-    from omegaconf import OmegaConf
 
     ensure_named_draft(cfg.model.draft_model_name, cfg.model.cache_dir, cfg.data_dir)
     t = cfg.collect_traces
