@@ -57,8 +57,9 @@ def _unique_stem(directory: Path) -> Path:
 
 
 def run(cfg: DictConfig) -> dict:
-    ensure_config_drafts(cfg)  # demo:draft-lm is made once by training, on first use
     b = cfg.benchmark
+    ensure_config_drafts(cfg, b.assistant_model_name if "hf_assisted" in b.methods else None,
+                         *(b.get("drafts") or {}).values())  # demo:draft-lm is made once, on first use
     config = SpeculativeDecodingConfig.from_hydra(cfg)
     decoder = SpeculativeDecoder(config)
     variants = OmegaConf.to_container(b.variants) if b.get("variants") else None

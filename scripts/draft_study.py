@@ -51,9 +51,9 @@ def _check(s) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    ensure_config_drafts(cfg)  # demo:draft-lm is made once by training, on first use
     if "draft_study" not in cfg:
         raise ConfigError("no draft_study settings: run `python scripts/draft_study.py experiment=draft_study`")
+    ensure_config_drafts(cfg, cfg.draft_study.get("reference"))  # demo:draft-lm is made once, on first use
     if "teacher" not in cfg.draft:
         raise ConfigError(f"draft={cfg.draft.get('tag')} has no teacher recipe to learn from; the preset uses "
                           "draft=eagle_more (any draft config with a `teacher` block works)")

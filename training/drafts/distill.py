@@ -361,16 +361,10 @@ def ensure_named_draft(name: str | None, cache_dir: str | os.PathLike | None, da
         ensure_demo_draft(cache_dir, OmegaConf.load(CONFIG_DIR / "draft" / "quick.yaml"), data_dir)
 
 
-def ensure_config_drafts(cfg) -> None:
-    """Build every ``demo:draft-lm`` a composed config names (the draft, the benchmark's assistant and
-    extra drafts, the draft study's reference) before an entry script loads models."""
+def ensure_config_drafts(cfg, *extra: str | None) -> None:
+    """Build ``demo:draft-lm`` before an entry script loads models, when the composed config's draft
+    (for a method that drafts) or one of the ``extra`` names (a benchmark's assistant, ...) is it."""
     m = cfg.model
-    names = [m.draft_model_name]
-    b = cfg.get("benchmark")
-    if b is not None:
-        names += [b.get("assistant_model_name")] + list((b.get("drafts") or {}).values())
-    study = cfg.get("draft_study")
-    if study is not None:
-        names.append(study.get("reference"))
-    for name in names:
+    names = [m.draft_model_name] if cfg.decoding.method != "target_only" else []
+    for name in names + list(extra):
         ensure_named_draft(name, m.cache_dir, cfg.data_dir)
