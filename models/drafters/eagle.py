@@ -93,6 +93,31 @@ def _rotate_half(x):
     return torch.cat((-b, a), dim=-1)
 
 
+def cached_rope_attention(layer, q, k, v, positions, mask, use_cache: bool) -> torch.Tensor:
+    """RoPE + grouped-query attention of a draft head's one layer, with its own KV cache.
+
+    q [B, nh, T, d], k / v [B, nkv, T, d], positions [B, T]; ``layer`` holds ``inv_freq`` and the cache
+    (``k_cache`` / ``v_cache`` [B, nkv, L, d]). Without cache: causal among the T rows (training).
+    With cache: the rows see every cached entry plus what ``mask`` [T, L + T] (bool, True = visible)
+    allows; ``mask`` None means causal among the new rows. Returns [B, nh, T, d].
+    """
+    t = q.shape[2]
+    ang = positions.float().unsqueeze(-1) * layer.inv_freq  # [B, T, d/2]
+    cos = torch.cat([ang.cos(), ang.cos()], -1).unsqueeze(1).to(q.dtype)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).unsqueeze(1).to(q.dtype)
+    q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    if not use_cache:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    if layer.k_cache is not None:
+        k = torch.cat([layer.k_cache, k], dim=2)
+        v = torch.cat([layer.v_cache, v], dim=2)
+    layer.k_cache, layer.v_cache = k, v
+    past = k.shape[2] - t
+    if mask is None:
+        mask = torch.ones(t, past + t, dtype=torch.bool, device=q.device).tril(past)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
 class EagleHead(nn.Module):
     """fc([embed(x_{t+1}); f_t]) -> one decoder layer -> predicted f_{t+1}; logits over ``draft_vocab``.
     ``forward`` takes features in the head's space; ``encode`` maps the target's (fused) features there."""
@@ -160,21 +185,7 @@ class EagleHead(nn.Module):
         q = self.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        ang = positions.float().unsqueeze(-1) * self.inv_freq  # [B, T, d/2]
-        cos = torch.cat([ang.cos(), ang.cos()], -1).unsqueeze(1).to(q.dtype)
-        sin = torch.cat([ang.sin(), ang.sin()], -1).unsqueeze(1).to(q.dtype)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        if use_cache:
-            if self.k_cache is not None:
-                k = torch.cat([self.k_cache, k], dim=2)
-                v = torch.cat([self.v_cache, v], dim=2)
-            self.k_cache, self.v_cache = k, v
-            past = k.shape[2] - t
-            if mask is None:
-                mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        else:
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        attn = cached_rope_attention(self, q, k, v, positions, mask, use_cache)
         x = x + self.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
         y = self.post_attn_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))

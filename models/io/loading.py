@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from models.config import default_config
 from models.decoding.drafter import Drafter
 from models.drafters.eagle import META, EagleDrafter, is_eagle_draft, load_eagle_draft
+from models.drafters.eagle3 import is_eagle3_draft, load_eagle3_draft
 from models.errors import ConfigError, ModelLoadError, VocabularyMismatchError
 from models.io import demo_pair
 from models.kernels.fast_linear import apply_cpu_linear
@@ -94,9 +95,12 @@ def load_model(path: str | Path, device: str | None = None, dtype: str | None = 
 
 
 def load_draft(path: Path, target, m) -> "torch.nn.Module | Drafter":
-    """An EAGLE-style head (a directory with eagle_head.json) as a Drafter, else an HF causal LM."""
+    """An EAGLE-style head (a directory with eagle_head.json) or an EAGLE-3 draft in the engines' layout
+    (config.json naming LlamaForCausalLMEagle3) as a Drafter, else an HF causal LM."""
     if is_eagle_draft(path):
         return EagleDrafter(apply_cpu_linear(load_eagle_draft(path, target), m.cpu_linear))
+    if is_eagle3_draft(path):
+        return EagleDrafter(apply_cpu_linear(load_eagle3_draft(path, target), m.cpu_linear))
     return load_model(path, m.device, m.dtype, m.attn_implementation, m.cpu_linear)
 
 
