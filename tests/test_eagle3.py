@@ -7,10 +7,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import (
+    SEARCHES,
+    hf_greedy,
+    make_config,
+    make_prompts,
+    prompts,
+    teacher_shards,
+    tiny_model,
+    tiny_tokenizer,
+    train_cfg,
+)
 from omegaconf import OmegaConf
-from test_draft_training import make_prompts, teacher_shards, train_cfg
-from test_lossless_greedy import SEARCHES, hf_greedy, make_config, prompts
 
 from models.decoding.drafter import HFDrafter, target_features
 from models.drafters.eagle import EagleConfig, EagleDrafter, EagleHead, load_eagle_draft
@@ -118,3 +126,39 @@ def test_fused_recipe_needs_fused_teacher_data(fused_shards, tmp_path):
     plain = {k: v for k, v in data.items() if k != "features"}
     with pytest.raises(ConfigError, match="teacher.feature_layers"):
         eagle_draft.train_eagle(target, plain, fused_cfg(), tmp_path / "run", tmp_path / "out", progress=False)
+
+
+def test_eagle3_family_trains_in_the_engines_layout_and_resumes(fused_shards, tmp_path, default_config):
+    """draft.family=eagle3 writes the standard directory (config.json + model.safetensors); it learns,
+    decodes losslessly, and a run can start from a finished draft (draft.init_from)."""
+    from models.drafters.eagle3 import is_eagle3_draft, load_eagle3_draft
+    from models.io.loading import load_draft
+
+    target, paths = fused_shards
+    data = teacher_data.load_shards(paths)
+    cfg = fused_cfg(family="eagle3", unroll=3)
+    summary = eagle_draft.train_eagle(target, data, cfg, tmp_path / "run", tmp_path / "out", progress=False)
+    assert summary["loss_last_mean10"] < summary["loss_first"], summary
+    assert is_eagle3_draft(tmp_path / "out") and (tmp_path / "out" / "model.safetensors").is_file()
+    draft = load_eagle3_draft(tmp_path / "out", target)
+    assert draft.cfg.feature_layers == LAYERS and 0 < draft.cfg.draft_vocab_size <= 48  # the data's distinct answer tokens
+    trained = chain_agreement(EagleDrafter(draft), data, depth=2, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    fresh = eagle_draft.new_head(target, cfg, draft.vocab_ids.tolist(), LAYERS).eval()
+    assert trained["top1"] > chain_agreement(EagleDrafter(fresh), data, 2, torch.device("cpu"))["top1"] + 0.1
+
+    # A second run of one step from the finished draft starts where it ended, not from scratch.
+    again = eagle_draft.train_eagle(target, data, fused_cfg(family="eagle3", unroll=3, max_steps=1,
+                                                            init_from=str(tmp_path / "out")),
+                                    tmp_path / "run2", tmp_path / "out2", progress=False)
+    assert again["loss_first"] < (summary["loss_first"] + summary["loss_last_mean10"]) / 2, (again, summary)
+    with pytest.raises(ConfigError, match="init_from"):
+        eagle_draft.train_eagle(target, data, fused_cfg(max_steps=1, init_from=str(tmp_path / "out")),
+                                tmp_path / "run3", tmp_path / "out3", progress=False)
+
+    target.generation_config.eos_token_id = None
+    drafter = load_draft(tmp_path / "out", target, default_config.model)
+    decoder = SpeculativeDecoder.from_models(target, drafter, None, make_config(default_config, "dynamic"))
+    for prompt in prompts(2, seed=7):
+        got, _ = decoder.generate(torch.tensor([prompt]), max_new_tokens=16)
+        assert got[0].tolist() == hf_greedy(target, prompt, 16)

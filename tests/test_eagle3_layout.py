@@ -55,7 +55,7 @@ def test_checkpoint_is_the_standard_layout(target, tmp_path):
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
     assert (cfg["vocab_size"], cfg["draft_vocab_size"], cfg["target_hidden_size"]) == (96, 48, 32)
-    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == LAYERS
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == cfg["eagle_aux_hidden_state_layer_ids"] == LAYERS
     assert json.loads((tmp_path / "d" / "treespec.json").read_text())["note"] == "tiny"
     assert is_eagle3_draft(tmp_path / "d") and resolve_model_path(str(tmp_path / "d")) == tmp_path / "d"
 
@@ -163,7 +163,7 @@ def test_foreign_or_broken_drafts_are_refused_clearly(target, tmp_path, case, er
     edits = {
         "target_hidden": dict(change_config=lambda c: c.update(target_hidden_size=64)),
         "vocab": dict(change_config=lambda c: c.update(vocab_size=1000)),
-        "layers": dict(change_config=lambda c: c["eagle_config"].update(eagle_aux_hidden_state_layer_ids=[1, 2, 9])),
+        "layers": dict(change_config=lambda c: c.update(eagle_aux_hidden_state_layer_ids=[1, 2, 9])),
         "missing_tensor": dict(change_state=lambda s: s.pop("midlayer.hidden_norm.weight")),
         "wrong_shape": dict(change_state=lambda s: s.update({"fc.weight": torch.zeros(32, 64)})),
         "d2t_out_of_range": dict(change_state=lambda s: s.update({"d2t": s["d2t"] + 500})),

@@ -96,15 +96,17 @@ class Eagle3Config:
             "rope_theta": self.rope_theta, "max_position_embeddings": self.max_position_embeddings,
             "vocab_size": self.vocab_size, "draft_vocab_size": self.draft_vocab_size,
             "target_hidden_size": self.target_hidden_size, "tie_word_embeddings": False,
-            "torch_dtype": dtype, "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(self.feature_layers),
-                                                   "use_aux_hidden_state": True},
+            "torch_dtype": dtype,
+            # vLLM reads the top-level key first, llama.cpp only it, SGLang only eagle_config's: both, equal
+            "eagle_aux_hidden_state_layer_ids": list(self.feature_layers),
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(self.feature_layers), "use_aux_hidden_state": True},
         }
 
     @classmethod
     def from_hf(cls, c: dict, num_target_layers: int | None = None) -> "Eagle3Config":
         heads = int(c["num_attention_heads"])
         eagle = c.get("eagle_config") or {}
-        layers = eagle.get("eagle_aux_hidden_state_layer_ids") or c.get("eagle_aux_hidden_state_layer_ids")
+        layers = c.get("eagle_aux_hidden_state_layer_ids") or eagle.get("eagle_aux_hidden_state_layer_ids")
         if not layers:
             if num_target_layers is None:
                 raise KeyError("eagle_config.eagle_aux_hidden_state_layer_ids")

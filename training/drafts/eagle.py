@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from models.drafters.eagle import EagleConfig, EagleHead, save_eagle_draft
+from models.drafters.eagle import EagleConfig, EagleHead, is_eagle_draft, load_eagle_draft, save_eagle_draft
+from models.drafters.eagle3 import Eagle3Config, Eagle3Draft, is_eagle3_draft, load_eagle3_draft, save_eagle3_draft
 from models.errors import ConfigError
 from training.drafts.precision import resolve_bf16
+from training.drafts.teacher_data import final_norm
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +121,13 @@ def batches(seqs: list, batch_tokens: int, seed: int, epoch: int) -> list[list]:
     return out
 
 
-def loss_fn(head: EagleHead, feats, tokens, pos, target, mask, cfg) -> tuple[torch.Tensor, dict]:
-    """Regression + soft cross-entropy over ``cfg.unroll`` passes (later passes read predictions)."""
+def loss_fn(head, feats, tokens, pos, target, mask, cfg, teacher_w: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Regression + soft cross-entropy over ``cfg.unroll`` passes (later passes read predictions).
+    ``teacher_w`` [V_r, H]: the target's lm_head rows of the draft vocabulary (the soft labels)."""
     total, stats = 0.0, {}
     inp = feats = head.encode(feats)  # the target's features in the head's input space
     with torch.no_grad(), torch.autocast(target.device.type, enabled=False):  # exact soft labels
-        teacher = F.softmax(target[mask].float() @ head.lm_head.float().t(), dim=-1)
+        teacher = F.softmax(target[mask].float() @ teacher_w.float().t(), dim=-1)
     for k in range(cfg.unroll):
         out = head(inp, tokens, pos)
         pred = out[mask]
@@ -145,7 +148,7 @@ def loss_fn(head: EagleHead, feats, tokens, pos, target, mask, cfg) -> tuple[tor
 
 
 @torch.no_grad()
-def agreement(head: EagleHead, data: dict, seqs: list, device, batch_tokens: int = 4096) -> dict:
+def agreement(head, data: dict, seqs: list, device, batch_tokens: int = 4096) -> dict:
     """Top-1 / top-4 agreement of the first drafted token (true features) with the target's next token."""
     vocab_ids = head.vocab_ids
     hit1 = hit4 = total = 0
@@ -181,9 +184,8 @@ def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=N
     if key not in data:
         raise ConfigError(f"the recipe reads the target's states at layers {layers} (teacher.feature_layers) but "
                           "the teacher shards carry only the final ones: they come from another teacher recipe")
-    head = EagleHead(EagleConfig.from_target(target, vocab, cfg.get("intermediate_size"), layers,
-                                             bool(cfg.get("feature_norm", False))),
-                     target.get_input_embeddings().weight, target.get_output_embeddings().weight).to(device)
+    head = new_head(target, cfg, vocab, layers).to(device)
+    teacher_w = target.get_output_embeddings().weight.detach()[torch.tensor(vocab, device=device)]
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     plan = [batches(train, cfg.batch_tokens, cfg.seed, e) for e in range(cfg.epochs)]
@@ -202,6 +204,8 @@ def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=N
         opt.load_state_dict(state["opt"])
         step, history, elapsed, losses = state["step"], state["history"], state["elapsed"], state["losses"]
         log.info("resuming from %s at step %d", ckpt, step)
+    elif cfg.get("init_from"):  # a finished draft (e.g. the committed one) as the starting point
+        start_from(head, Path(cfg.init_from).expanduser(), target, vocab)
 
     def lr_at(s: int) -> float:
         if s < cfg.warmup_steps:
@@ -222,7 +226,7 @@ def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=N
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, stats = loss_fn(head, feats, tokens, pos, target_f, mask, cfg)
+            loss, stats = loss_fn(head, feats, tokens, pos, target_f, mask, cfg, teacher_w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -253,8 +257,44 @@ def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=N
                "history": history, "heldout": history[-1] if history else None,
                "loss_first": losses[0] if losses else None,
                "loss_last_mean10": round(sum(losses[-10:]) / len(losses[-10:]), 5) if losses else None}
-    save_eagle_draft(head, out_dir, meta={**summary, **(meta or {})})
+    if isinstance(head, Eagle3Draft):
+        save_eagle3_draft(head, out_dir, meta={**summary, **(meta or {})})
+    else:
+        save_eagle_draft(head, out_dir, meta={**summary, **(meta or {})})
     return summary
+
+
+def new_head(target, cfg, vocab: list[int], layers: list[int]):
+    """A fresh head of ``cfg.family``: ``eagle`` (treespec's EAGLE-style head) or ``eagle3`` (the engines'
+    EAGLE-3 layout; its lm_head and norm start as the target's rows of the draft vocabulary and final norm)."""
+    if cfg.get("family", "eagle") == "eagle3":
+        if not layers:
+            raise ConfigError("draft.family=eagle3 reads the target's states at three layers: set teacher.feature_layers")
+        head = Eagle3Draft(Eagle3Config.for_target(target, len(vocab), layers), target.get_input_embeddings().weight)
+        head.set_draft_vocab(torch.tensor(vocab))
+        with torch.no_grad():
+            head.lm_head.weight.copy_(target.get_output_embeddings().weight[torch.tensor(vocab)])
+            head.norm.weight.copy_(final_norm(target).weight)
+        return head
+    return EagleHead(EagleConfig.from_target(target, vocab, cfg.get("intermediate_size"), layers,
+                                             bool(cfg.get("feature_norm", False))),
+                     target.get_input_embeddings().weight, target.get_output_embeddings().weight)
+
+
+def start_from(head, path: Path, target, vocab: list[int]) -> None:
+    """Copy the weights of the finished draft in ``path`` into ``head`` (same family, vocabulary and shape)."""
+    family = "eagle3" if isinstance(head, Eagle3Draft) else "eagle"
+    if (is_eagle3_draft(path), is_eagle_draft(path)) != (family == "eagle3", family == "eagle"):
+        raise ConfigError(f"draft.init_from={path} is not a finished draft of family {family}")
+    done = load_eagle3_draft(path, target) if family == "eagle3" else load_eagle_draft(path, target)
+    if done.vocab_ids.tolist() != list(vocab):
+        raise ConfigError(f"draft.init_from={path} has another draft vocabulary than this run's data gives; "
+                          "start from scratch (init_from=null) or use the same teacher data")
+    try:
+        head.load_state_dict(done.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"draft.init_from={path} does not fit this recipe's head: {e}") from None
+    log.info("starting from the weights of %s", path)
 
 
 def _save_ckpt(path: Path, head, opt, step, history, elapsed, recipe, vocab, losses) -> None:

@@ -68,8 +68,8 @@ def ensure_teacher(target_dir: Path, target_name: str, tcfg, data_dir: Path, cac
 def train_draft(cfg, tracker=None) -> Path:
     """Run the whole pipeline for ``cfg.draft``; returns the draft directory."""
     dcfg = cfg.draft
-    if dcfg.get("family") != "eagle":
-        raise ConfigError(f"scripts/train_draft.py trains draft.family=eagle (got {dcfg.get('family')!r}); "
+    if dcfg.get("family") not in ("eagle", "eagle3"):
+        raise ConfigError(f"scripts/train_draft.py trains draft.family=eagle or eagle3 (got {dcfg.get('family')!r}); "
                           "the small-LM family is made by scripts/make_draft.py draft=quick")
     cache = cache_root(cfg.model.cache_dir)
     target_dir = resolve_model_path(cfg.model.target_model_name, cfg.model.cache_dir)
