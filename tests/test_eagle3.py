@@ -152,9 +152,15 @@ def test_eagle3_family_trains_in_the_engines_layout_and_resumes(fused_shards, tm
                                                             init_from=str(tmp_path / "out")),
                                     tmp_path / "run2", tmp_path / "out2", progress=False)
     assert again["loss_first"] < (summary["loss_first"] + summary["loss_last_mean10"]) / 2, (again, summary)
-    with pytest.raises(ConfigError, match="init_from"):
+    with pytest.raises(ConfigError, match="init_from"):  # another family
         eagle_draft.train_eagle(target, data, fused_cfg(max_steps=1, init_from=str(tmp_path / "out")),
                                 tmp_path / "run3", tmp_path / "out3", progress=False)
+    # another vocab_size setting (as other data would) keeps the finished draft's vocabulary
+    cont = eagle_draft.train_eagle(target, data, fused_cfg(family="eagle3", unroll=3, max_steps=1, vocab_size=8,
+                                                           init_from=str(tmp_path / "out")),
+                                   tmp_path / "run4", tmp_path / "out4", progress=False)
+    assert load_eagle3_draft(tmp_path / "out4", target).vocab_ids.tolist() == draft.vocab_ids.tolist()
+    assert cont["vocab_size"] == draft.cfg.draft_vocab_size
 
     target.generation_config.eos_token_id = None
     drafter = load_draft(tmp_path / "out", target, default_config.model)

@@ -48,6 +48,7 @@ MARKER = "treespec.json"
 DEMO_TARGET = "demo:target"
 DEMO_DRAFT = "demo:draft"  # the shipped EAGLE-style head
 DEMO_DRAFT_MORE = "demo:draft-more"  # the same head trained on wider teacher data (shipped; opt-in)
+DEMO_DRAFT_EAGLE3 = "demo:draft-eagle3"  # an EAGLE-3 draft in the engines' layout (shipped; opt-in)
 DEMO_DRAFT_LM = "demo:draft-lm"  # the quick small-LM draft, built by scripts/make_draft.py
 # The shipped EAGLE-style heads: demo name -> (directory, the command that remakes it).
 SHIPPED_DRAFTS = {
@@ -56,6 +57,8 @@ SHIPPED_DRAFTS = {
     DEMO_DRAFT_MORE: (CHECKPOINTS / "smollm2-135m-eagle-more",
                       "python scripts/train_draft.py draft=eagle_more draft.teacher.num_prompts=4224 draft.epochs=7 "
                       "draft.tag=eagle-more-44 out_dir=models/checkpoints/smollm2-135m-eagle-more"),
+    DEMO_DRAFT_EAGLE3: (CHECKPOINTS / "smollm2-135m-eagle3",
+                        "python scripts/train_draft.py draft=eagle3 out_dir=models/checkpoints/smollm2-135m-eagle3"),
 }
 # The shipped alignment / acceptance predictor of each demo draft: demo:alignment, demo:predictor.
 _SHIPPED_LEARNED = {DEMO_DRAFT: "smollm2-135m-eagle", DEMO_DRAFT_LM: "smollm2-135m-draft-lm"}

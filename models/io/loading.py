@@ -35,6 +35,8 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> Path:
                        models/checkpoints/smollm2-135m-eagle (made by scripts/train_draft.py draft=eagle)
     ``demo:draft-more`` the same head trained on wider teacher data (translation and summarization
                        prompts too): models/checkpoints/smollm2-135m-eagle-more (draft=eagle_more)
+    ``demo:draft-eagle3`` an EAGLE-3 draft in the serving engines' layout (models/drafters/eagle3.py):
+                       models/checkpoints/smollm2-135m-eagle3 (draft=eagle3)
     ``demo:draft-lm``  an independent small causal LM draft (the target's first layers, distilled;
                        configs/draft/quick.yaml, built once by scripts/make_draft.py); Hugging
                        Face assisted generation can use it, as it is a plain HF model
@@ -43,7 +45,7 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> Path:
         return demo_pair.ensure_demo_target(cache_dir)
     if name in demo_pair.SHIPPED_DRAFTS:
         shipped, remake = demo_pair.SHIPPED_DRAFTS[name]
-        if not is_eagle_draft(shipped):
+        if not (is_eagle_draft(shipped) or is_eagle3_draft(shipped)):
             raise ModelLoadError(f"the shipped demo draft {shipped} ({name}) is missing; remake it with "
                                  f"`{remake}` or use model.draft_model_name=demo:draft-lm")
         return shipped

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from models.drafters.eagle import EagleConfig, EagleHead, is_eagle_draft, load_eagle_draft, save_eagle_draft
@@ -177,7 +178,9 @@ def train_eagle(target, data: dict, cfg, run_dir: Path, out_dir: Path, tracker=N
     held, train = seqs[-cfg.eval_sequences:], seqs[:-cfg.eval_sequences]
     eos = target.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    vocab = select_vocab(data, train, cfg.vocab_size, tuple(eos))
+    # a run that continues a finished draft keeps its vocabulary (the data of this run may differ)
+    vocab = draft_vocab(Path(cfg.init_from).expanduser()) if cfg.get("init_from") else \
+        select_vocab(data, train, cfg.vocab_size, tuple(eos))
     held_cov = coverage(data, held, vocab)
     layers = list((cfg.get("teacher") or {}).get("feature_layers") or [])
     key = feature_key(layers)
@@ -279,6 +282,16 @@ def new_head(target, cfg, vocab: list[int], layers: list[int]):
     return EagleHead(EagleConfig.from_target(target, vocab, cfg.get("intermediate_size"), layers,
                                              bool(cfg.get("feature_norm", False))),
                      target.get_input_embeddings().weight, target.get_output_embeddings().weight)
+
+
+def draft_vocab(path: Path) -> list[int]:
+    """The target ids a finished draft (either family) can propose."""
+    if is_eagle3_draft(path):
+        d2t = load_file(str(path / "model.safetensors"))["d2t"]
+        return (torch.arange(len(d2t)) + d2t).tolist()
+    if is_eagle_draft(path):
+        return list(json.loads((path / "eagle_head.json").read_text())["config"]["draft_vocab"])
+    raise ConfigError(f"draft.init_from={path} is not a finished draft directory")
 
 
 def start_from(head, path: Path, target, vocab: list[int]) -> None:
