@@ -93,6 +93,25 @@ def _rotate_half(x):
     return torch.cat((-b, a), dim=-1)
 
 
+class LayerCache:
+    """The KV cache of a draft head's one attention layer (``k_cache`` / ``v_cache`` [1, nkv, L, d]),
+    filled by ``cached_rope_attention``; the drafter crops it to what was committed."""
+
+    k_cache: torch.Tensor | None = None
+    v_cache: torch.Tensor | None = None
+
+    def reset_cache(self) -> None:
+        self.k_cache = self.v_cache = None
+
+    def cache_length(self) -> int:
+        return 0 if self.k_cache is None else self.k_cache.shape[2]
+
+    def crop_cache(self, length: int) -> None:
+        if self.k_cache is not None:
+            self.k_cache = self.k_cache[:, :, :length]
+            self.v_cache = self.v_cache[:, :, :length]
+
+
 def cached_rope_attention(layer, q, k, v, positions, mask, use_cache: bool) -> torch.Tensor:
     """RoPE + grouped-query attention of a draft head's one layer, with its own KV cache.
 
@@ -118,7 +137,7 @@ def cached_rope_attention(layer, q, k, v, positions, mask, use_cache: bool) -> t
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-class EagleHead(nn.Module):
+class EagleHead(LayerCache, nn.Module):
     """fc([embed(x_{t+1}); f_t]) -> one decoder layer -> predicted f_{t+1}; logits over ``draft_vocab``.
     ``forward`` takes features in the head's space; ``encode`` maps the target's (fused) features there."""
     _treespec_frozen_weights = ("lm_head",)  # model.cpu_linear's kernel also runs the reduced lm_head
@@ -150,8 +169,7 @@ class EagleHead(nn.Module):
         self.register_buffer("vocab_ids", ids, persistent=False)
         inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
         self.register_buffer("inv_freq", inv, persistent=False)
-        self.k_cache: torch.Tensor | None = None  # [1, kvh, L, d]
-        self.v_cache: torch.Tensor | None = None
+        self.reset_cache()
 
     # ------------------------------------------------------------------ forward
     @property
@@ -194,17 +212,6 @@ class EagleHead(nn.Module):
         """Scores over the reduced vocabulary [..., V_r]."""
         return frozen_linear(self, "lm_head", hidden)
 
-    # ------------------------------------------------------------------ cache
-    def reset_cache(self) -> None:
-        self.k_cache = self.v_cache = None
-
-    def cache_length(self) -> int:
-        return 0 if self.k_cache is None else self.k_cache.shape[2]
-
-    def crop_cache(self, length: int) -> None:
-        if self.k_cache is not None:
-            self.k_cache = self.k_cache[:, :, :length]
-            self.v_cache = self.v_cache[:, :, :length]
 
 
 # ---------------------------------------------------------------------- checkpoints

@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from models.drafters.eagle import _RMSNorm, cached_rope_attention
+from models.drafters.eagle import LayerCache, _RMSNorm, cached_rope_attention
 from models.errors import ModelLoadError, VocabularyMismatchError
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -155,7 +155,7 @@ class _MidLayer(nn.Module):
         self.mlp = _MLP(cfg)
 
 
-class Eagle3Draft(nn.Module):
+class Eagle3Draft(LayerCache, nn.Module):
     """The EAGLE-3 draft module; its ``state_dict`` names are exactly the standard checkpoint's."""
 
     def __init__(self, cfg: Eagle3Config, embed_weight: torch.Tensor):
@@ -173,8 +173,7 @@ class Eagle3Draft(nn.Module):
         d = cfg.head_dim
         self.register_buffer("inv_freq", 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)),
                              persistent=False)
-        self.k_cache: torch.Tensor | None = None  # [1, nkv, L, d]
-        self.v_cache: torch.Tensor | None = None
+        self.reset_cache()
 
     # ------------------------------------------------------------------ vocabulary
     def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
@@ -226,18 +225,6 @@ class Eagle3Draft(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores over the draft vocabulary [..., Vd]."""
         return self.lm_head(self.norm(hidden))
-
-    # ------------------------------------------------------------------ cache
-    def reset_cache(self) -> None:
-        self.k_cache = self.v_cache = None
-
-    def cache_length(self) -> int:
-        return 0 if self.k_cache is None else self.k_cache.shape[2]
-
-    def crop_cache(self, length: int) -> None:
-        if self.k_cache is not None:
-            self.k_cache = self.k_cache[:, :, :length]
-            self.v_cache = self.v_cache[:, :, :length]
 
 
 # ---------------------------------------------------------------------- checkpoints
