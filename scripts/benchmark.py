@@ -1,10 +1,13 @@
-"""Benchmark target-only, HF generate, HF assisted generation and treespec chain/tree side by side.
+"""Benchmark target-only, HF generate, HF assisted generation and treespec chain/tree side by side
+(and the peers on request: HF prompt lookup, llama.cpp's llama-server).
 
     python scripts/benchmark.py                                   # 20 Spec-Bench prompts, greedy
     python scripts/benchmark.py benchmark.prompts_per_category=10 # Spec-Bench style: 10 per category
     python scripts/benchmark.py benchmark.num_prompts=5 benchmark.max_new_tokens=32
     python scripts/benchmark.py benchmark.temperatures=[0.7,1.0]  # sampling (vs target-only and HF sampling)
     python scripts/benchmark.py benchmark.drafts='{lm: demo:draft-lm}'  # + the tree with another draft
+    python scripts/benchmark.py "benchmark.methods=[target_only,tree,hf_prompt_lookup,llama_cpp]" \
+        "benchmark.llama_cpp.spec_types=[none,ngram-simple]"      # the peers (llama_cpp needs llama-server built)
 
 Prints, per temperature, tables overall and per prompt category (speedup, tau) and the time per
 phase, and writes ${output_dir}/benchmark-<time>.json (per-prompt records, per-category and overall
@@ -65,6 +68,7 @@ def run(cfg: DictConfig) -> dict:
     variants = OmegaConf.to_container(b.variants) if b.get("variants") else None
     drafts = draft_decoders(decoder, OmegaConf.to_container(b.drafts) if b.get("drafts") else None,
                             list(b.methods) + list(variants or {}))
+    llama_cpp = OmegaConf.to_container(b.llama_cpp, resolve=True) if b.get("llama_cpp") else None
     assistant = None
     if "hf_assisted" in b.methods and decoder.draft_model is None and b.get("assistant_model_name"):
         m = config.model  # HF assisted generation needs an HF causal LM: the EAGLE head is not one
@@ -91,7 +95,8 @@ def run(cfg: DictConfig) -> dict:
             print(f"\n== temperature {temperature} ({'sampling' if temperature > 0 else 'greedy'}), {len(timed)} prompts "
                   f"({', '.join(f'{c} {n}' for c, n in counts.items())}) x {b.max_new_tokens} new tokens ==", flush=True)
             out = run_benchmark(decoder, prompts, list(b.methods), b.max_new_tokens, b.max_prompt_tokens, n_warmup,
-                                decoding, assistant=assistant, variants=variants, decoders=drafts)
+                                decoding, assistant=assistant, variants=variants, decoders=drafts,
+                                prompt_lookup_num_tokens=b.get("prompt_lookup_num_tokens"), llama_cpp=llama_cpp)
             result["runs"][str(temperature)] = out
             result["memory"] = out["memory"]
             print_report(out, console)

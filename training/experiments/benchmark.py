@@ -6,6 +6,15 @@ Methods (``benchmark.methods``):
   hf_assisted   Hugging Face assisted generation, ``generate(assistant_model=...)``: the draft when it
                 is an HF causal LM, else ``assistant`` (an EAGLE-style head is not an HF model; the
                 script passes ``benchmark.assistant_model_name``, the small-LM demo draft)
+  hf_prompt_lookup  Hugging Face prompt lookup decoding, ``generate(prompt_lookup_num_tokens=N)`` with
+                N = ``benchmark.prompt_lookup_num_tokens`` (the target alone, drafts copied from the prompt)
+  llama_cpp     llama.cpp's ``llama-server`` on the same weights (a GGUF of the target), one column per
+                ``benchmark.llama_cpp.spec_types`` entry: ``llama_cpp`` (``none``: no speculation) and
+                ``llama_cpp[<type>]`` (``--spec-type <type>``, e.g. ``llama_cpp[ngram-simple]``); a
+                subprocess on a loopback port, started once per column before the runs and stopped after
+                them (``training.experiments.llama_server``); token ids in, token ids out (prompt processing
+                in the timed span, as for every method). Skipped, with one line saying why, when no
+                llama-server binary is found (``training.experiments.llama_cpp.build_llama_cpp`` builds it)
   chain, tree   treespec with ``decoding.method`` = chain / tree and ``config.tree_search``
   <variant>     a tree run with some config groups changed (``benchmark.variants``: name -> {group:
                 {key: value}}, e.g. ``pred: {tree_search: {rank_by: predictor}}``), so tree shapes,
@@ -30,8 +39,10 @@ Spec-Bench reports them), so a category's numbers are exactly the sums over its 
                         right)); verified_per_depth counts the steps whose verified tree reached depth d
   phase_time_s          the decoder's seconds per phase (prefill, draft, score, prune, verify, commit,
                         other) plus ``outside``: wall time of the call outside every phase (HF methods
-                        have no phases: all their time is ``outside``); phase_ms_per_token per new token
-  peak_memory_bytes     the largest per-run peak of the method (``PeakMemory`` says what is measured)
+                        have no phases: all their time is ``outside``, as are llama_cpp's, the HTTP request's
+                        wall time); phase_ms_per_token per new token
+  peak_memory_bytes     the largest per-run peak of the method (``PeakMemory`` says what is measured; for
+                        llama_cpp it is the server process's peak RSS, VmHWM reset before each run)
   divergence_margins    greedy: for each output that differs from the first method's, the target's
                         top-2 logit margin at the first differing token (``first_divergence``; the
                         per-prompt records hold the index and tokens too)
@@ -41,10 +52,11 @@ Spec-Bench reports them), so a category's numbers are exactly the sums over its 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import resource
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -55,6 +67,7 @@ from models.kernels.fast_linear import (
     resolve_cpu_linear,
     set_linear_kernel,
 )
+from models.paths import cache_root
 from speculative_decoder import (
     PHASES,
     GenerationStats,
@@ -62,10 +75,12 @@ from speculative_decoder import (
     load_draft,
     resolve_model_path,
 )
+from training.experiments.llama_server import LlamaServer, LlamaServerError
 from training.jsonl import read_jsonl
 
 TREESPEC_METHODS = ("target_only", "chain", "tree")
-HF_METHODS = ("hf_generate", "hf_assisted")
+HF_METHODS = ("hf_generate", "hf_assisted", "hf_prompt_lookup")
+LLAMA_CPP = "llama_cpp"  # llama_cpp (no speculation) and llama_cpp[<spec type>]
 BASELINES = ("target_only", "hf_assisted")  # speedup_vs_<base> for each one that ran
 OUTSIDE = "outside"  # wall time of a call outside the decoder's phases (all of an HF method's time)
 PHASE_KEYS = tuple(PHASES) + (OUTSIDE,)
@@ -335,25 +350,157 @@ def summarize(records: list[dict], methods: list[str]) -> tuple[dict, dict]:
     return overall, categories
 
 
+# ---------------------------------------------------------------------- llama.cpp
+BUILD_HINT = ('build it once with: python -c "from training.experiments.llama_cpp import build_llama_cpp; '
+              'build_llama_cpp()" (about 10 minutes on 2 cores), or set benchmark.llama_cpp.server')
+
+
+def llama_cpp_method(spec_type: str) -> str:
+    """The column name of a llama.cpp speculative mode: ``llama_cpp`` for none, else ``llama_cpp[<type>]``."""
+    return LLAMA_CPP if spec_type == "none" else f"{LLAMA_CPP}[{spec_type}]"
+
+
+def llama_cpp_spec_type(method: str) -> str | None:
+    """The ``--spec-type`` of a llama_cpp column (``none`` for ``llama_cpp``); None for other methods."""
+    if method == LLAMA_CPP:
+        return "none"
+    if method.startswith(f"{LLAMA_CPP}[") and method.endswith("]") and len(method) > len(LLAMA_CPP) + 2:
+        return method[len(LLAMA_CPP) + 1:-1]
+    return None
+
+
+def is_peer(method: str) -> bool:
+    """Another system's decoding (Hugging Face's, llama.cpp's), not a treespec run."""
+    return method in HF_METHODS or llama_cpp_spec_type(method) is not None
+
+
+def default_llama_server(cache_dir=None) -> Path:
+    """Where ``build_llama_cpp`` puts llama-server: $TREESPEC_CACHE/llama.cpp-<version>/llama.cpp/build/bin."""
+    from training.experiments.llama_cpp import VERSION
+
+    return cache_root(cache_dir) / f"llama.cpp-{VERSION}" / "llama.cpp" / "build" / "bin" / "llama-server"
+
+
+def target_gguf(target_dir: Path, cache_dir=None, outtype: str = "f32") -> Path:
+    """A GGUF of the HF target directory, converted once with llama.cpp's own converter and cached under
+    $TREESPEC_CACHE/gguf by a key of the directory (its path and its files' names, sizes and times)."""
+    from filelock import FileLock
+
+    from training.experiments.llama_cpp import convert_to_gguf
+
+    target_dir = Path(target_dir).resolve()
+    h = hashlib.sha1(str(target_dir).encode())
+    for f in sorted(p for p in target_dir.iterdir() if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    out = cache_root(cache_dir) / "gguf" / f"{target_dir.name}-{h.hexdigest()[:12]}-{outtype}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not out.is_file():
+            partial = out.with_name(out.name + ".partial")
+            convert_to_gguf(target_dir, partial, outtype, cache_dir=cache_dir)
+            partial.rename(out)
+    return out
+
+
+def llama_cpp_servers(decoder: SpeculativeDecoder, names: list[str], settings: dict | None, ctx_size: int | None,
+                      log=print) -> dict[str, LlamaServer]:
+    """{column: LlamaServer (not started)} for the llama_cpp columns ``names`` that can run here, from
+    ``benchmark.llama_cpp`` (``settings``); a column that cannot (no binary, no draft for a draft-based
+    mode, no GGUF) is left out with one line saying why."""
+    if not names:
+        return {}
+    settings = dict(settings or {})
+    m = decoder.config.model
+    server = settings.get("server")
+    if server is None:
+        server = default_llama_server(m.cache_dir)
+        if not server.is_file():
+            log(f"skip {', '.join(names)}: no llama-server binary (benchmark.llama_cpp.server is null and {server} "
+                f"does not exist); {BUILD_HINT}")
+            return {}
+    elif isinstance(server, (str, Path)) and not Path(server).expanduser().is_file():
+        log(f"skip {', '.join(names)}: benchmark.llama_cpp.server={server} is not a file; {BUILD_HINT}")
+        return {}
+    elif isinstance(server, (str, Path)):
+        server = Path(server).expanduser()
+    draft = settings.get("draft")
+    if draft is not None and not Path(draft).expanduser().is_file():
+        raise ConfigError(f"benchmark.llama_cpp.draft={draft} is not a file (a GGUF of the draft model, or null)")
+    wanted = []
+    for name in names:
+        if llama_cpp_spec_type(name).startswith("draft-") and draft is None:
+            log(f"skip {name}: a draft-based llama.cpp mode needs benchmark.llama_cpp.draft (a GGUF of the draft; "
+                f"convert_to_gguf in training/experiments/llama_cpp.py converts treespec's EAGLE-3 drafts)")
+        else:
+            wanted.append(name)
+    if not wanted:
+        return {}
+    model = settings.get("model")
+    if model is not None:
+        model = Path(model).expanduser()
+        if not model.is_file():
+            raise ConfigError(f"benchmark.llama_cpp.model={model} is not a file (a GGUF of the target, or null to "
+                              f"convert the target once)")
+    else:
+        target_dir = resolve_model_path(m.target_model_name, m.cache_dir)
+        try:
+            model = target_gguf(target_dir, m.cache_dir)
+        except Exception as e:  # noqa: BLE001  (no converter here: said and skipped, never silently)
+            log(f"skip {', '.join(wanted)}: converting the target {target_dir} to GGUF failed "
+                f"({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
+                f"set benchmark.llama_cpp.model to a GGUF of the target")
+            return {}
+    threads = settings.get("threads") or torch.get_num_threads()
+    return {name: LlamaServer(server, model, threads, spec_type=llama_cpp_spec_type(name),
+                              draft=draft if llama_cpp_spec_type(name).startswith("draft-") else None,
+                              port=settings.get("port") or 0, ctx_size=ctx_size,
+                              extra_args=list(settings.get("extra_args") or []),
+                              ready_timeout=settings.get("ready_timeout_s") or 120.0,
+                              request_timeout=settings.get("request_timeout_s") or 600.0, log=log)
+            for name in wanted}
+
+
+def _expand_llama_cpp(methods: list[str], settings: dict | None) -> list[str]:
+    """``llama_cpp`` in ``methods`` -> one column per ``benchmark.llama_cpp.spec_types`` entry."""
+    spec_types = list((settings or {}).get("spec_types") or ["none"])
+    out = []
+    for method in methods:
+        out.extend(llama_cpp_method(str(t)) for t in spec_types) if method == LLAMA_CPP else out.append(method)
+    return list(dict.fromkeys(out))
+
+
 # ---------------------------------------------------------------------- the run
 def run_benchmark(decoder: SpeculativeDecoder, prompts: list[dict], methods: list[str], max_new_tokens: int,
                   max_prompt_tokens: int, warmup: int, decoding: dict, log=print, assistant=None,
-                  variants: dict | None = None, decoders: dict | None = None) -> dict:
+                  variants: dict | None = None, decoders: dict | None = None,
+                  prompt_lookup_num_tokens: int | None = None, llama_cpp: dict | None = None) -> dict:
     """Runs the first ``warmup`` prompts untimed (16 new tokens), then times every method on every
     other prompt, interleaved. Returns {"rows": {method: aggregate}, "categories": {category:
     {method: aggregate}}, "per_prompt": [record], "skipped": [ids], "warmup": [ids], "memory": {...}}
-    with speedups filled in."""
+    with speedups filled in. ``prompt_lookup_num_tokens``: hf_prompt_lookup's N; ``llama_cpp``: the
+    ``benchmark.llama_cpp`` settings (servers are started before the runs and always stopped after)."""
     variants, decoders = dict(variants or {}), dict(decoders or {})
     for name, spec in variants.items():
         run_as = dict(spec).get("method", "tree")
         if run_as not in TREESPEC_METHODS + HF_METHODS:
             raise ConfigError(f"benchmark.variants.{name}.method must be one of {TREESPEC_METHODS + HF_METHODS}, "
                               f"got {run_as!r}")
-    methods = list(methods) + [v for v in list(variants) + list(decoders) if v not in methods]
-    unknown = set(methods) - set(TREESPEC_METHODS) - set(HF_METHODS) - set(variants) - set(decoders)
+    methods = _expand_llama_cpp(list(methods), llama_cpp)
+    methods = methods + [v for v in list(variants) + list(decoders) if v not in methods]
+    unknown = {m for m in methods if llama_cpp_spec_type(m) is None} - set(TREESPEC_METHODS) - set(HF_METHODS) \
+        - set(variants) - set(decoders)
     if unknown:
-        raise ValueError(f"unknown benchmark method(s) {sorted(unknown)}; known: {TREESPEC_METHODS + HF_METHODS} "
-                         f"and the names in benchmark.variants")
+        raise ValueError(f"unknown benchmark method(s) {sorted(unknown)}; known: {TREESPEC_METHODS + HF_METHODS}, "
+                         f"{LLAMA_CPP}, {LLAMA_CPP}[<spec type>] and the names in benchmark.variants")
+    uses_lookup = "hf_prompt_lookup" in methods or any(dict(v).get("method") == "hf_prompt_lookup"
+                                                        for v in variants.values())
+    if uses_lookup and (isinstance(prompt_lookup_num_tokens, bool) or not isinstance(prompt_lookup_num_tokens, int)
+                        or prompt_lookup_num_tokens < 1):
+        raise ConfigError(f"benchmark.prompt_lookup_num_tokens must be a positive integer for hf_prompt_lookup, "
+                          f"got {prompt_lookup_num_tokens!r}")
     assistant = assistant if assistant is not None else decoder.draft_model
     if "hf_assisted" in methods and assistant is None:
         log("skip hf_assisted: the draft is not a Hugging Face causal LM and no assistant model was given")
@@ -372,41 +519,73 @@ def run_benchmark(decoder: SpeculativeDecoder, prompts: list[dict], methods: lis
     timed = encoded[warmup:] if len(encoded) > warmup else encoded
     memory = PeakMemory(decoder.device)
     records: list[dict] = []
-    for _, ids in encoded[:warmup]:  # warm-up: allocator, kernels, caches; not timed
-        for m in methods:
-            _run_one(decoder, m, ids, min(max_new_tokens, 16), decoding, seed=0, assistant=assistant, variants=variants,
-                     decoders=decoders)
-    for i, (row, ids) in enumerate(timed):
-        reference = None
-        for m in methods:
-            memory.reset()
-            out, seconds, stats = _run_one(decoder, m, ids, max_new_tokens, decoding, seed=i, assistant=assistant,
-                                           variants=variants, decoders=decoders)
-            peak = memory.peak()
-            new = out[ids.shape[1]:]
-            if greedy:
-                reference = new if reference is None else reference
-            records.append(run_record(row, m, len(new), seconds, stats, peak, (new == reference) if greedy else None))
-            if greedy and new != reference:  # where and how narrowly it left the reference (untimed)
-                records[-1]["divergence"] = first_divergence(decoder, ids, reference, new)
-        log(f"[{i + 1}/{len(timed)}] {row['id']} ({category_of(row)}): " + ", ".join(
-            f"{m} {aggregate([r for r in records if r['method'] == m])['tokens_per_s']:.1f} tok/s" for m in methods))
+    llama_names = [m for m in methods if llama_cpp_spec_type(m) is not None]
+    longest = max(ids.shape[1] for _, ids in encoded) + max_new_tokens + 64  # room for a speculative step
+    with ExitStack() as stack:  # every started server is stopped however the runs end
+        servers = {}
+        for name, server in llama_cpp_servers(decoder, llama_names, llama_cpp, longest, log).items():
+            try:
+                servers[name] = stack.enter_context(server)
+            except LlamaServerError as e:
+                log(f"skip {name}: {e}")
+        methods = [m for m in methods if m not in llama_names or m in servers]
+        peers = {"prompt_lookup_num_tokens": prompt_lookup_num_tokens, "servers": servers,
+                 "ignore_eos": not getattr(getattr(decoder.config, "decoding", None), "stop_on_eos", True)}
+        for _, ids in encoded[:warmup]:  # warm-up: allocator, kernels, caches; not timed
+            for m in methods:
+                _run_one(decoder, m, ids, min(max_new_tokens, 16), decoding, seed=0, assistant=assistant,
+                         variants=variants, decoders=decoders, **peers)
+        for i, (row, ids) in enumerate(timed):
+            _time_prompt(decoder, methods, row, ids, i, max_new_tokens, decoding, greedy, memory, records, log,
+                         len(timed), assistant=assistant, variants=variants, decoders=decoders, **peers)
     rows, categories = summarize(records, methods)
     return {"rows": rows, "categories": categories, "per_prompt": records, "skipped": skipped,
             "warmup": [row["id"] for row, _ in encoded[:warmup]], "memory": memory.describe()}
 
 
+def _time_prompt(decoder, methods, row, ids, i, max_new_tokens, decoding, greedy, memory, records, log, n_timed,
+                 **run_kwargs) -> None:
+    """Every method on one timed prompt, in order; appends one record per method."""
+    servers = run_kwargs.get("servers") or {}
+    reference = None
+    for m in methods:
+        server = servers.get(m)
+        if server is None:
+            memory.reset()
+        else:
+            server.reset_peak_memory()
+        out, seconds, stats = _run_one(decoder, m, ids, max_new_tokens, decoding, seed=i, **run_kwargs)
+        peak = memory.peak() if server is None else server.peak_memory()
+        new = out[ids.shape[1]:]
+        if greedy:
+            reference = new if reference is None else reference
+        records.append(run_record(row, m, len(new), seconds, stats, peak, (new == reference) if greedy else None))
+        if greedy and new != reference:  # where and how narrowly it left the reference (untimed)
+            records[-1]["divergence"] = first_divergence(decoder, ids, reference, new)
+    log(f"[{i + 1}/{n_timed}] {row['id']} ({category_of(row)}): " + ", ".join(
+        f"{m} {aggregate([r for r in records if r['method'] == m])['tokens_per_s']:.1f} tok/s" for m in methods))
+
+
 def _run_one(decoder: SpeculativeDecoder, method: str, ids: torch.Tensor, max_new: int, decoding: dict, seed: int,
-             assistant=None, variants: dict | None = None, decoders: dict | None = None):
-    """(all token ids as a list, seconds, stats or None for HF methods)."""
+             assistant=None, variants: dict | None = None, decoders: dict | None = None,
+             prompt_lookup_num_tokens: int | None = None, servers: dict | None = None, ignore_eos: bool = False):
+    """(all token ids as a list, seconds, stats or None for HF methods and llama_cpp)."""
     if decoders and method in decoders:
         return _run_one(decoders[method], "tree", ids, max_new, decoding, seed)
     if variants and method in variants:
         changes = dict(variants[method])
         run_as = changes.pop("method", "tree")
         with variant_config(decoder, changes):
-            return _run_one(decoder, run_as, ids, max_new, decoding, seed, assistant=assistant)
+            return _run_one(decoder, run_as, ids, max_new, decoding, seed, assistant=assistant,
+                            prompt_lookup_num_tokens=prompt_lookup_num_tokens)
     sample = bool(decoding.get("do_sample")) and decoding.get("temperature", 1.0) > 0
+    if servers and method in servers:  # llama.cpp: the wall time of the HTTP request, prompt processing included
+        prompt = ids[0].tolist()
+        t0 = time.perf_counter()
+        new, _ = servers[method].complete(prompt, max_new, temperature=decoding["temperature"] if sample else 0.0,
+                                          top_k=decoding.get("top_k") or 0, top_p=decoding.get("top_p", 1.0),
+                                          seed=seed, ignore_eos=ignore_eos)
+        return prompt + new, time.perf_counter() - t0, None
     if method in TREESPEC_METHODS:
         t0 = time.perf_counter()
         out, stats = decoder.generate(ids, max_new, method=method, seed=seed, **decoding)
@@ -419,6 +598,8 @@ def _run_one(decoder: SpeculativeDecoder, method: str, ids: torch.Tensor, max_ne
         torch.manual_seed(seed)  # HF generate samples from the global RNG
     if method == "hf_assisted":
         kwargs["assistant_model"] = assistant
+    elif method == "hf_prompt_lookup":
+        kwargs["prompt_lookup_num_tokens"] = prompt_lookup_num_tokens
     device = decoder.device
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from training.experiments.benchmark import BASELINES, HF_METHODS, OUTSIDE, PHASE_KEYS
+from training.experiments.benchmark import BASELINES, OUTSIDE, PHASE_KEYS, is_peer
 
 OVERALL = "overall"
 MAX_DEPTHS_SHOWN = 5  # the table's per-depth column; the JSON and the plot have every depth
@@ -82,7 +82,7 @@ def phase_table(rows: dict):
     """ms per new token in each phase (only phases some method spent time in), and the total."""
     used = [k for k in PHASE_KEYS if any((r["phase_ms_per_token"].get(k) or 0) > 0 for r in rows.values())]
     table = _table("time per phase, ms per new token", ["method", *used, "total"],
-                   caption=f"{OUTSIDE}: wall time outside the decoder's phases (HF: all)")
+                   caption=f"{OUTSIDE}: wall time outside the decoder's phases (HF, llama.cpp: all)")
     for m, r in rows.items():
         ms = r["phase_ms_per_token"]
         total = sum(v for v in ms.values() if v is not None) if r["new_tokens"] else None
@@ -126,7 +126,7 @@ def headline(runs: dict) -> dict:
     (else ``chain``, else the first other treespec run); tokens/s when target_only did not run."""
     temperature, out = next(iter(runs.items()))
     rows = out["rows"]
-    others = [m for m in rows if m not in ("target_only",) + HF_METHODS]
+    others = [m for m in rows if m != "target_only" and not is_peer(m)]  # treespec runs, not the peers
     method = next((m for m in ("tree", "chain") if m in rows), others[0] if others else next(iter(rows)))
     metric = "speedup_vs_target_only" if rows[method].get("speedup_vs_target_only") is not None else "tokens_per_s"
     return {"temperature": temperature, "method": method, "metric": metric, "value": rows[method][metric]}
