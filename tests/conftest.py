@@ -1,108 +1,49 @@
-"""Tiny random Hugging Face models (built from configs, no downloads) shared by the tests."""
+"""Fixtures shared by the tests, the helpers of ``helpers.py`` re-exported (``from conftest import
+tiny_model``), and the order in which the two xdist workers get the tests (longest first)."""
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import (  # noqa: E402
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    Phi3Config,
-    Phi3ForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
+from helpers import (  # noqa: E402,F401  (re-exported for the test modules)
+    ARCHS,
+    HORIZON,
+    P_MIN,
+    ROOT,
+    SEARCHES,
+    SLIDING_ARCHS,
+    TEACHER,
+    VOCAB,
+    N,
+    Table,
+    TableDrafter,
+    V,
+    exact_distribution,
+    example_tree,
+    goodness_of_fit,
+    hf_greedy,
+    make_config,
+    make_head,
+    make_prompts,
+    memoized,
+    noisy_copy,
+    prompts,
+    run_script,
+    script_result,
+    sequential_logits,
+    speculative_sample,
+    teacher_shards,
+    tiny_model,
+    tiny_tokenizer,
+    train_cfg,
+    tv_bound,
 )
-
-# Tiny models gain nothing from threads, and oversubscribed threads on a busy 2-core box are slow.
-torch.set_num_threads(1)
-
-VOCAB = 96
-ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox", "opt")
-# Sliding-window attention (``window`` keys): in every layer (mistral, phi3), alternating with full
-# layers from a sliding one (gemma2, gemma3), or after the first, full, layer (qwen2_sw: Qwen2 with
-# use_sliding_window and max_window_layers=1).
-SLIDING_ARCHS = ("mistral", "phi3", "gemma2", "gemma3", "qwen2_sw")
-
-
-def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = VOCAB, layers: int = 2, context: int = 256,
-               attn: str = "sdpa", window: int = 8, head_dim: int | None = None) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=context, **common)
-    if arch == "llama":
-        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=context, head_dim=head_dim, **common)
-        cls = LlamaForCausalLM
-    elif arch == "qwen2":
-        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=context, **common)
-        cls = Qwen2ForCausalLM
-    elif arch == "gpt2":
-        cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=context, **common)
-        cls = GPT2LMHeadModel
-    elif arch == "gpt_neox":
-        cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                            max_position_embeddings=context, **common)
-        cls = GPTNeoXForCausalLM
-    elif arch == "mistral":
-        cfg, cls = MistralConfig(sliding_window=window, **small), MistralForCausalLM
-    elif arch == "phi3":
-        cfg, cls = Phi3Config(sliding_window=window, **small), Phi3ForCausalLM
-    elif arch == "qwen2_sw":
-        cfg = Qwen2Config(use_sliding_window=True, sliding_window=window, max_window_layers=1, **small)
-        cls = Qwen2ForCausalLM
-    elif arch in ("gemma2", "gemma3"):
-        # sliding, full, sliding, ...; final_logit_softcapping off: tanh-saturated logits would make
-        # near-ties of the sharpened head
-        kinds = ["full_attention" if i % 2 else "sliding_attention" for i in range(layers)]
-        gemma = dict(head_dim=8, sliding_window=window, layer_types=kinds, final_logit_softcapping=None, **small)
-        if arch == "gemma2":
-            cfg, cls = Gemma2Config(**gemma), Gemma2ForCausalLM
-            attn = "eager"  # transformers has no sdpa path for Gemma 2 (attention logit softcapping)
-        else:
-            cfg, cls = Gemma3TextConfig(**gemma), Gemma3ForCausalLM
-    elif arch == "opt":
-        cfg = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=layers, num_attention_heads=4,
-                        max_position_embeddings=context, word_embed_proj_dim=32, **common)
-        cls = OPTForCausalLM
-    else:
-        raise ValueError(arch)
-    cfg._attn_implementation = attn
-    model = cls(cfg)
-    # Random init gives nearly flat logits; sharpen them so greedy paths are far from ties.
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)
-    return model.eval()
-
-
-def noisy_copy(model: torch.nn.Module, scale: float, seed: int = 1) -> torch.nn.Module:
-    """A draft that agrees with ``model`` often but not always."""
-    torch.manual_seed(seed)
-    draft = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn_like(p) * scale * (p.std() if p.numel() > 1 else 1.0))
-    return draft.eval()
 
 
 @pytest.fixture(scope="session")
@@ -111,13 +52,47 @@ def default_config():
     return SpeculativeDecodingConfig()
 
 
-def tiny_tokenizer(vocab: int = VOCAB):
-    """Word-level tokenizer: token i is the word 'w{i}' (ids 0/1 are <s> and </s>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+@pytest.fixture(scope="module")
+def tiny_pair_dirs(tmp_path_factory):
+    """A saved tiny target (seed 0) and draft (seed 1) with the word-level tokenizer, for the CLI tests."""
+    root = tmp_path_factory.mktemp("pair")
+    for name, seed in (("target", 0), ("draft", 1)):
+        model = tiny_model("llama", seed=seed)
+        model.save_pretrained(root / name)
+        tiny_tokenizer().save_pretrained(root / name)
+    return root
 
-    words = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, vocab)}}
-    tok = Tokenizer(models.WordLevel(words, unk_token="</s>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="</s>")
+
+# The longest tests first (node-id prefixes, longest first; measured on the 2-core AVX-512 box,
+# 2026-12-08). xdist's loadgroup hands out work units in collection order (after the largest group,
+# demo_pair), so a long test that starts last would leave the other worker idle at the end.
+LONGEST_FIRST = (
+    "tests/test_tree_pruner.py::test_pruned_sampling_is_lossless[dynamic-iid-budget]",
+    "tests/test_tree_pruner.py::test_pruned_sampling_is_lossless[dynamic-iid-cost_aware]",
+    "tests/test_tree_pruner.py::test_pruned_sampling_is_lossless[static-without_replacement-ratio]",
+    "tests/test_config_and_cli.py::test_train_draft_then_eval_draft_then_benchmark_cli",
+    "tests/test_benchmark.py::test_benchmark_cli_per_category",
+    "tests/test_benchmark.py::test_benchmark_main_returns_the_headline",
+    "tests/test_learned_decoding.py::test_sampling_lossless_with_predictor_ranking",
+    "tests/test_lossless_sampling.py::test_sampling_is_lossless",
+    "tests/test_lossless_sampling.py::test_negative_control_has_power",
+    "tests/test_lossless_sampling.py::test_lookup_negative_control_has_power",
+    "tests/test_lossless_sampling.py::test_decoder_sampling_end_to_end",
+    "tests/test_sweeps.py::test_joblib_sweep_then_summary",
+    "tests/test_learned_cli.py::test_traces_alignment_predictor_generate",
+    "tests/test_draft_study.py::test_draft_study_cli",
+    "tests/test_config_and_cli.py::test_generate_cli_and_sweep",
+    "tests/test_tree_pruner.py::test_random_trees_properties",
+    "tests/test_tree_pruner.py::test_pruned_sampling_is_lossless",
+    "tests/test_tree_pruner.py::test_node_level_pruning_of_random_draws_is_biased",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Reorder (never drop) the collected tests: LONGEST_FIRST in its order, then the rest as collected.
+    Every worker sorts the same collection the same way, as xdist requires."""
+    def rank(item) -> int:
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)),
+                    len(LONGEST_FIRST))
+
+    items[:] = sorted(items, key=rank)  # stable

@@ -4,21 +4,17 @@ are sums of the per-prompt records, per-depth acceptance, provenance, plots and 
 import importlib.util
 import json
 import math
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import noisy_copy, tiny_model, tiny_tokenizer
+from conftest import ROOT, noisy_copy, run_script, tiny_model, tiny_tokenizer
 
 from models.decoding.tree import DraftTree
 from models.errors import InputError
 from speculative_decoder import GenerationStats, SpeculativeDecoder
 from training.experiments.benchmark import PHASE_KEYS, load_prompts, select_prompts
-
-ROOT = Path(__file__).resolve().parents[1]
 
 CATEGORIES = ("alpha", "beta")
 
@@ -39,13 +35,6 @@ def noisy_pair_dirs(tmp_path_factory):
         model.save_pretrained(root / name)
         tiny_tokenizer().save_pretrained(root / name)
     return root
-
-
-def run_script(script, *overrides):
-    proc = subprocess.run([sys.executable, f"scripts/{script}", *overrides], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 # ---------------------------------------------------------------------- prompt selection

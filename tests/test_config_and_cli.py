@@ -1,27 +1,57 @@
 """Every config composes and validates; the CLI runs end to end (and as a -m sweep) on a tiny pair."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import run_script, script_result, tiny_model, tiny_tokenizer
 
 from models.config import SpeculativeDecodingConfig, default_config
 from models.paths import CONFIG_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "experiment")
 
 
+def _yaml(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _plain(value) -> bool:
+    """A literal YAML value (not an interpolation such as ${data_dir}, which Hydra resolves)."""
+    return not (isinstance(value, str) and "${" in value)
+
+
 def test_default_config_matches_yaml():
-    cfg = default_config()
-    config = SpeculativeDecodingConfig()
-    assert config.tree_search.max_nodes == cfg.tree_search.max_nodes
-    assert config.decoding.method == cfg.decoding.method
-    assert config.model.target_model_name == "demo:target"
+    """SpeculativeDecodingConfig() holds the values written in configs/: read here with a plain YAML
+    parser from config.yaml's defaults list and each chosen group file (not through default_config())."""
+    choices = {}
+    for entry in _yaml(CONFIG_DIR / "config.yaml")["defaults"]:
+        if isinstance(entry, dict):
+            choices.update(entry)
+    config = SpeculativeDecodingConfig().to_dict()
+
+    def group_file(group, option) -> dict:  # the option's own defaults list (same group) first, then itself
+        own = _yaml(CONFIG_DIR / group / f"{option}.yaml")
+        merged = {}
+        for entry in own.pop("defaults", []):
+            assert isinstance(entry, str), (group, option, entry)
+            if entry != "_self_":
+                merged.update(group_file(group, entry))
+        return {**merged, **own}
+
+    checked = 0
+    for group, values in config.items():
+        written = group_file(group, choices[group])
+        for key, value in written.items():
+            assert key in values, f"{group}.{key} is in the YAML but not in the config"
+            if _plain(value):
+                assert values[key] == value, (group, key, values[key], value)
+                checked += 1
+    assert checked >= 20
+    assert config["model"]["target_model_name"] == "demo:target" and config["tree_search"]["mode"] == "dynamic"
+    assert default_config().tree_search.max_nodes == config["tree_search"]["max_nodes"]
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -31,27 +61,12 @@ def test_every_option_composes(group):
         assert config.to_dict()["decoding"]["method"] in ("target_only", "chain", "tree")
 
 
-@pytest.fixture(scope="module")
-def tiny_pair_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pair")
-    for name, seed in (("target", 0), ("draft", 1)):
-        model = tiny_model("llama", seed=seed)
-        model.save_pretrained(root / name)
-        tiny_tokenizer().save_pretrained(root / name)
-    return root
-
-
-def run_script(script, *overrides, cwd=ROOT):
-    proc = subprocess.run([sys.executable, f"scripts/{script}", *overrides], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
 def test_generate_cli_and_sweep(tiny_pair_dirs, tmp_path):
     pair = [f"model.target_model_name={tiny_pair_dirs / 'target'}", f"model.draft_model_name={tiny_pair_dirs / 'draft'}",
             "prompt='w5 w6 w7'", "decoding.max_new_tokens=12", f"output_dir={tmp_path}"]
-    out = run_script("generate.py", *pair, "decoding.method=chain")
+    # The one real subprocess of the CLI tests: `python scripts/generate.py ...` as users type it (the other
+    # script runs go through the same __main__ and Hydra entry in-process, see helpers.script_result).
+    out = run_script("generate.py", *pair, "decoding.method=chain", in_process=False)
     assert "12 new tokens in" in out and "tok/s (chain)" in out and "tau " in out and "time: prefill" in out
     written = list((tmp_path / "hydra").glob("*/generate.json"))
     assert len(written) == 1
@@ -82,10 +97,9 @@ def test_bench_kernels_cli(tiny_pair_dirs, tmp_path):
     assert {r["kernel"] for r in result["results"]} >= {"mkl"}
     assert all(set(r["ms"]) == {"1", "3"} and min(r["ms"].values()) > 0 for r in result["results"])
     assert "rows" in out and "GB/s" in out and result["provenance"]["git"]
-    bad = subprocess.run([sys.executable, "scripts/bench_kernels.py", f"model.target_model_name={tiny_pair_dirs / 'target'}",
-                          f"output_dir={tmp_path}", "bench_kernels.kernels=[fastest]"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert bad.returncode != 0 and "bench_kernels.kernels" in bad.stderr
+    code, _, err = script_result("bench_kernels.py", f"model.target_model_name={tiny_pair_dirs / 'target'}",
+                                 f"output_dir={tmp_path}", "bench_kernels.kernels=[fastest]")
+    assert code != 0 and "bench_kernels.kernels" in err
 
 
 def test_benchmark_cli(tiny_pair_dirs, tmp_path):
@@ -145,9 +159,9 @@ def test_train_draft_then_eval_draft_then_benchmark_cli(tiny_pair_dirs, tmp_path
     assert rows["lm"]["tau"] > 0
     assert all(r["identical"] == 2 for r in rows.values())
     assert result["assistant"] == str(tiny_pair_dirs / "draft")
-    bad = subprocess.run([sys.executable, "scripts/benchmark.py", *common, f"model.draft_model_name={head}",
-                          "benchmark.drafts={tree: demo:draft-lm}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "already a method" in bad.stderr
+    code, _, err = script_result("benchmark.py", *common, f"model.draft_model_name={head}",
+                                 "benchmark.drafts={tree: demo:draft-lm}")
+    assert code != 0 and "already a method" in err
 
 
 def test_benchmark_variants_run_in_the_same_run(default_config):
@@ -232,5 +246,12 @@ def test_benchmark_drafts_share_the_target(tiny_pair_dirs, default_config):
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_composes(preset):
+    """Each preset composes into a valid config that carries the decoder settings the preset writes."""
     config = SpeculativeDecodingConfig.from_overrides([f"experiment={preset}"])
-    assert config.validate() is config
+    config.validate()  # raises ConfigError on a bad value
+    values = config.to_dict()
+    for group, written in _yaml(CONFIG_DIR / "experiment" / f"{preset}.yaml").items():
+        if group in values and isinstance(written, dict):
+            for key, value in written.items():
+                if _plain(value):
+                    assert values[group][key] == value, (preset, group, key, values[group][key], value)

@@ -8,8 +8,15 @@ import math
 
 import pytest
 import torch
-from conftest import noisy_copy, tiny_model, tiny_tokenizer
-from test_lossless_greedy import hf_greedy, make_config, prompts
+from conftest import (
+    hf_greedy,
+    make_config,
+    make_head,
+    noisy_copy,
+    prompts,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 import models.policy.cost_profile as pc
 from models.paths import CONFIG_DIR
@@ -171,8 +178,6 @@ def test_profile_costs_on_a_tiny_pair(tiny_target, default_config, tmp_path):
 
 
 def test_profile_costs_with_an_eagle_head(tiny_target, default_config):
-    from test_eagle import make_head
-
     from models.drafters.eagle import EagleDrafter
 
     decoder = make_decoder(tiny_target, EagleDrafter(make_head(tiny_target, list(range(0, 96, 2)))), default_config)

@@ -5,9 +5,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
-from test_config_and_cli import run_script, tiny_pair_dirs  # noqa: F401  (fixture)
-from test_draft_training import TEACHER, make_prompts
+from conftest import (
+    TEACHER,
+    make_prompts,
+    run_script,
+    script_result,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 from models.errors import ConfigError
 from training.drafts import study, teacher_data
@@ -147,7 +152,7 @@ def test_spearman_and_verdict():
     assert v["claim_holds"] and not v["fastest_is_shallowest"] and v["shallow_over_deep"]["tokens_per_s"] == pytest.approx(25 / 19)
 
 
-def test_draft_study_cli(tiny_pair_dirs, tmp_path, monkeypatch):  # noqa: F811
+def test_draft_study_cli(tiny_pair_dirs, tmp_path, monkeypatch):
     """The preset end to end on a tiny pair: teacher shards made, two drafts trained, measured against
     the target alone (identical outputs), table, verdict, JSON, PNG and an offline wandb run."""
     from training.experiments.tracking import offline_runs, read_offline_run
@@ -200,11 +205,6 @@ def test_draft_study_cli(tiny_pair_dirs, tmp_path, monkeypatch):  # noqa: F811
     assert rows2["deep"]["top1"] == rows["deep"]["top1"] and rows2["deep"]["kl_curve"] == rows["deep"]["kl_curve"]
 
 
-def test_draft_study_needs_its_preset(tiny_pair_dirs):  # noqa: F811
-    import subprocess
-    import sys
-
-    from test_config_and_cli import ROOT
-    proc = subprocess.run([sys.executable, "scripts/draft_study.py", f"model.target_model_name={tiny_pair_dirs / 'target'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "experiment=draft_study" in proc.stderr
+def test_draft_study_needs_its_preset(tiny_pair_dirs):
+    code, _, err = script_result("draft_study.py", f"model.target_model_name={tiny_pair_dirs / 'target'}")
+    assert code != 0 and "experiment=draft_study" in err

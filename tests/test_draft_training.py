@@ -1,12 +1,16 @@
 """Teacher shards, EAGLE-head training (learns, resumes bit-for-bit) and the draft evaluation."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
-from omegaconf import OmegaConf
-from test_lossless_greedy import hf_greedy
+from conftest import (
+    TEACHER,
+    hf_greedy,
+    make_prompts,
+    teacher_shards,
+    tiny_model,
+    tiny_tokenizer,
+    train_cfg,
+)
 
 from models.decoding.drafter import HFDrafter
 from models.drafters.eagle import EagleDrafter, load_eagle_draft
@@ -14,24 +18,6 @@ from models.errors import ConfigError, ModelLoadError
 from training.drafts import eagle as eagle_draft
 from training.drafts import teacher_data
 from training.drafts.evaluate import chain_agreement
-
-TEACHER = SimpleNamespace(shard_prompts=4, batch_size=3, max_new_tokens=10, max_prompt_tokens=40, top_k=3)
-
-
-def make_prompts(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"id": f"p{i}", "prompt": " ".join(f"w{int(t)}" for t in torch.randint(2, 96, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g))}
-            for i in range(n)]
-
-
-def teacher_shards(tmp_path_factory, teacher, layers: int = 2, meta=None):
-    """(tiny target with EOS 1, its teacher shards for 24 prompts under ``teacher``)."""
-    torch.set_num_threads(1)
-    target = tiny_model("llama", seed=0, layers=layers)
-    target.generation_config.eos_token_id = 1
-    out = tmp_path_factory.mktemp("teacher")
-    return target, teacher_data.build_shards(target, tiny_tokenizer(), make_prompts(24), out, teacher, meta or {"t": 1},
-                                             progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +53,6 @@ def test_shards_resume_and_corrupt_shard_is_named(shards, tmp_path):
     again[1].write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match="shard-00001"):
         teacher_data.load_shards(again)
-
-
-def train_cfg(**kw):
-    base = OmegaConf.load("configs/draft/eagle.yaml")
-    base.merge_with(dict(vocab_size=48, max_seq_len=64, batch_tokens=96, epochs=15, warmup_steps=3, eval_sequences=4,
-                         eval_every=10, save_every=5, lr=3e-3, bf16=False, feature_noise=0.05, unroll=2))
-    base.merge_with(kw)
-    return base
 
 
 def test_eagle_training_learns_and_resumes_exactly(shards, tmp_path, monkeypatch):

@@ -3,29 +3,15 @@
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_lossless_greedy import SEARCHES, hf_greedy, make_config, prompts
+from conftest import SEARCHES, hf_greedy, make_config, make_head, prompts, tiny_model
 
 from models.drafters.eagle import (
-    EagleConfig,
     EagleDrafter,
-    EagleHead,
     load_eagle_draft,
     save_eagle_draft,
 )
 from models.errors import ModelLoadError, VocabularyMismatchError
 from speculative_decoder import SpeculativeDecoder
-
-
-def make_head(target, vocab=None, seed=0, scale=1.0):
-    torch.manual_seed(seed)
-    full = target.get_output_embeddings().weight.shape[0]
-    cfg = EagleConfig.from_target(target, vocab if vocab is not None else list(range(full)))
-    head = EagleHead(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.mul_(scale)
-    return head.eval()
 
 
 @pytest.mark.parametrize("search", list(SEARCHES))

@@ -6,8 +6,15 @@ import copy
 
 import pytest
 import torch
-from conftest import noisy_copy, tiny_model, tiny_tokenizer
-from test_lossless_greedy import SEARCHES, hf_greedy, make_config, prompts
+from conftest import (
+    SEARCHES,
+    hf_greedy,
+    make_config,
+    noisy_copy,
+    prompts,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 from models.errors import ConfigError
 from models.kernels import invariant_gemm

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from test_lossless_greedy import SEARCHES, hf_greedy, make_config, prompts
+from conftest import SEARCHES, hf_greedy, make_config, prompts
 from transformers import (
     DynamicCache,
     LlamaConfig,

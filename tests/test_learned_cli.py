@@ -4,10 +4,10 @@ collect_traces -> train_alignment -> train_predictor (with shift traces) -> gene
 import json
 
 import pytest
-from test_config_and_cli import run_script, tiny_pair_dirs  # noqa: F401  (fixture)
+from conftest import run_script
 
 
-def test_traces_alignment_predictor_generate(tiny_pair_dirs, tmp_path):  # noqa: F811
+def test_traces_alignment_predictor_generate(tiny_pair_dirs, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     for name, n in (("train_a.jsonl", 12), ("spec_bench.jsonl", 4)):

@@ -7,17 +7,21 @@ from __future__ import annotations
 import math
 
 import pytest
-import test_lossless_sampling as lossless
 import torch
-from conftest import ARCHS, noisy_copy, tiny_model, tiny_tokenizer
-from test_lossless_sampling import (
+from conftest import (
+    ARCHS,
     P_MIN,
     N,
     Table,
+    TableDrafter,
     V,
     exact_distribution,
     goodness_of_fit,
     memoized,
+    noisy_copy,
+    speculative_sample,
+    tiny_model,
+    tiny_tokenizer,
 )
 
 from models.checkpoint import fingerprint
@@ -171,8 +175,8 @@ def test_greedy_lossless_with_learned_core(arch, learned):
 
 
 # ---------------------------------------------------------------------- sampling
-class HiddenTableDrafter(lossless.TableDrafter):
-    """The table drafter of test_lossless_sampling with hidden states (draft logits plus a constant),
+class HiddenTableDrafter(TableDrafter):
+    """The table drafter of the sampling tests (helpers.py) with hidden states (draft logits plus a constant),
     so an alignment and aligned features have something to read."""
     def propose(self, tree, nodes):
         logits = super().propose(tree, nodes)
@@ -246,7 +250,7 @@ def sampling_search(child_draw, from_aligned, top_p, rank_by="predictor"):
 
 
 @pytest.mark.parametrize("name", list(SAMPLING_VARIANTS))
-def test_sampling_lossless_with_predictor_ranking(name, monkeypatch):
+def test_sampling_lossless_with_predictor_ranking(name):
     child_draw, from_aligned, top_p = SAMPLING_VARIANTS[name]
     table = Table(seed=11, noise=1.5)
     prompt, root = [3, 1, 4], 2
@@ -271,9 +275,10 @@ def test_sampling_lossless_with_predictor_ranking(name, monkeypatch):
     search, to_probs = sampling_search(child_draw, from_aligned, top_p)
     if child_draw == "topk":
         search = CachedSearch(search)
-    monkeypatch.setattr(lossless, "TableDrafter", HiddenTableDrafter)  # speculative_sample's drafter
     generator = torch.Generator().manual_seed(0)
-    samples = [lossless.speculative_sample(table, search, to_probs, prompt, root, generator) for _ in range(N)]
+    with torch.inference_mode():  # the same draws, less autograd bookkeeping per op
+        samples = [speculative_sample(table, search, to_probs, prompt, root, generator, drafter_cls=HiddenTableDrafter)
+                   for _ in range(N)]
     probs = exact_distribution(table, to_probs, tuple(prompt) + (root,))
     pvalue, tv, bound = goodness_of_fit(samples, probs)
     assert pvalue > P_MIN and tv < bound, f"{name}: chi2 p={pvalue:.2e} TV={tv:.4f} bound={bound:.4f}"

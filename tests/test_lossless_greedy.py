@@ -4,41 +4,18 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import ARCHS, noisy_copy, tiny_model
+from conftest import (
+    ARCHS,
+    SEARCHES,
+    hf_greedy,
+    make_config,
+    noisy_copy,
+    prompts,
+    tiny_model,
+)
 
 from models.decoding.kv_cache import cache_length
-from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
-
-SEARCHES = {
-    "chain": dict(method="chain", tree_search=dict(max_depth=4)),
-    "static": dict(method="tree", tree_search=dict(mode="static", max_depth=3, branching=[3, 2, 1], max_nodes=16)),
-    "dynamic": dict(method="tree", tree_search=dict(mode="dynamic", max_depth=4, max_candidates=3, max_nodes=10)),
-    # + the prompt-lookup branch (models/decoding/lookup.py): nodes the draft never proposed
-    "dynamic-lookup": dict(method="tree", tree_search=dict(mode="dynamic", max_depth=3, max_candidates=2, max_nodes=6,
-                                                           lookup_tokens=6)),
-}
-
-
-def make_config(base: SpeculativeDecodingConfig, search: str, **decoding) -> SpeculativeDecodingConfig:
-    spec = SEARCHES[search]
-    return dataclasses.replace(
-        base,
-        decoding=dataclasses.replace(base.decoding, method=spec["method"], do_sample=False, **decoding),
-        tree_search=dataclasses.replace(base.tree_search, **spec["tree_search"]),
-    )
-
-
-def hf_greedy(model, prompt, max_new, eos=None):
-    """Reference: plain sequential greedy decoding with Hugging Face generate."""
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
-                             pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0].tolist()
-
-
-def prompts(n, seed, vocab=96):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, vocab, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+from speculative_decoder import SpeculativeDecoder
 
 
 @pytest.mark.parametrize("search", list(SEARCHES))

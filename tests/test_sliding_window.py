@@ -13,9 +13,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SLIDING_ARCHS, noisy_copy, tiny_model
-from test_lossless_greedy import SEARCHES, hf_greedy, make_config
-from test_tree_attention import example_tree, sequential_logits
+from conftest import (
+    SEARCHES,
+    SLIDING_ARCHS,
+    example_tree,
+    hf_greedy,
+    make_config,
+    noisy_copy,
+    sequential_logits,
+    tiny_model,
+)
 from transformers import DynamicCache, GPTNeoConfig, GPTNeoForCausalLM
 
 from models.decoding.kv_cache import attention_layout, keep_tokens, new_cache

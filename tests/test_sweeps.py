@@ -3,21 +3,23 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import noisy_copy, tiny_model, tiny_tokenizer
+from conftest import (
+    noisy_copy,
+    run_script,
+    script_result,
+    tiny_model,
+    tiny_tokenizer,
+)
 from omegaconf import OmegaConf
-from test_config_and_cli import run_script, tiny_pair_dirs  # noqa: F401  (fixture)
 
 from models.config import SpeculativeDecodingConfig
 from models.paths import CONFIG_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = sorted(f"{p.parent.relative_to(CONFIG_DIR).as_posix()}={p.stem}" for p in CONFIG_DIR.rglob("*.yaml")
                  if p.parent != CONFIG_DIR)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -177,13 +179,11 @@ def test_summarize_mixed_sweep(tmp_path):
     text = format_summary(summary)
     assert "3 job(s) without a result" in text and "not started" in text and "failed" in text
     # The CLI: a plain positional argument, exit 0 while some job has a result.
-    proc = subprocess.run([sys.executable, "scripts/summarize_sweep.py", str(sweep)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "tokens_per_s" in proc.stdout and "summary.csv" in proc.stdout
-    proc = subprocess.run([sys.executable, "scripts/summarize_sweep.py", str(tmp_path / "nothing")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "no such sweep directory" in proc.stderr
+    code, out, err = script_result("summarize_sweep.py", str(sweep))
+    assert code == 0, err[-2000:]
+    assert "tokens_per_s" in out and "summary.csv" in out
+    code, _, err = script_result("summarize_sweep.py", str(tmp_path / "nothing"))
+    assert code == 2 and "no such sweep directory" in err
 
 
 def test_generate_json_rows():
@@ -217,7 +217,7 @@ def test_summarize_matches_results_in_a_shared_output_dir(tmp_path):
 
 
 # ---------------------------------------------------------------------- real sweeps and show_tree
-def test_joblib_sweep_then_summary(tiny_pair_dirs, tmp_path, monkeypatch):  # noqa: F811
+def test_joblib_sweep_then_summary(tiny_pair_dirs, tmp_path, monkeypatch):
     """A two-job -m sweep of generate.py through the joblib launcher preset, logged to wandb (offline):
     each job in its own directory with job_status.json, generate.json and its wandb run (grouped by the
     sweep); then summarize_sweep.py over it, its table and plots also logged to wandb in that group."""
@@ -225,9 +225,10 @@ def test_joblib_sweep_then_summary(tiny_pair_dirs, tmp_path, monkeypatch):  # no
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     sweep = tmp_path / "sweep"
+    # a real subprocess: the joblib launcher runs the jobs in worker processes of its own anyway
     run_script("generate.py", "-m", "hydra/launcher=local", f"hydra.sweep.dir={sweep}", "logger=wandb",
                f"model.target_model_name={tiny_pair_dirs / 'target'}", f"model.draft_model_name={tiny_pair_dirs / 'draft'}",
-               "prompt='w5 w6 w7'", "decoding.max_new_tokens=8", "pruning=none", "tree_search.max_nodes=2,4")
+               "prompt='w5 w6 w7'", "decoding.max_new_tokens=8", "pruning=none", "tree_search.max_nodes=2,4", in_process=False)
     names = set()
     for num, nodes in ((0, "2"), (1, "4")):
         job = sweep / str(num)
@@ -246,12 +247,11 @@ def test_joblib_sweep_then_summary(tiny_pair_dirs, tmp_path, monkeypatch):  # no
     assert len(names) == 2
     assert (sweep / "summary.csv").is_file()  # written by the callback after the sweep
     (sweep / "summary.csv").unlink()
-    proc = subprocess.run([sys.executable, "scripts/summarize_sweep.py", str(sweep), "--wandb"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, out, err = script_result("summarize_sweep.py", str(sweep), "--wandb")
+    assert code == 0, err[-2000:]
     with (sweep / "summary.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert [r["tree_search.max_nodes"] for r in table] == ["2", "4"] and "tree_search.max_nodes" in proc.stdout
+    assert [r["tree_search.max_nodes"] for r in table] == ["2", "4"] and "tree_search.max_nodes" in out
     assert all(r["status"] == "ok" and float(r["tokens_per_s"]) > 0 and float(r["tau"]) >= 1 for r in table)
     assert (sweep / "plot-tree_search.max_nodes.png").read_bytes()[:8] == PNG
     [summary_run] = [r for r in offline_runs(sweep) if r.parent.parent == sweep]
@@ -262,7 +262,7 @@ def test_joblib_sweep_then_summary(tiny_pair_dirs, tmp_path, monkeypatch):  # no
     assert "sweep/plot-tree_search.max_nodes" in run["summary"]
 
 
-def test_show_tree_cli(tiny_pair_dirs, tmp_path):  # noqa: F811
+def test_show_tree_cli(tiny_pair_dirs, tmp_path):
     png = tmp_path / "tree.png"
     out = run_script("show_tree.py", f"model.target_model_name={tiny_pair_dirs / 'target'}",
                      f"model.draft_model_name={tiny_pair_dirs / 'draft'}", "prompt='w5 w6 w7'", "decoding.max_new_tokens=10",

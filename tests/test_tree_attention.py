@@ -2,26 +2,9 @@
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, example_tree, sequential_logits, tiny_model
 
 from models.decoding.kv_cache import keep_tokens, new_cache
-from models.decoding.tree import DraftTree
-
-
-def example_tree(vocab: int) -> DraftTree:
-    g = torch.Generator().manual_seed(3)
-    tree = DraftTree.from_root(5)
-    # root -> a, b, c ; a -> d, e ; b -> f ; d -> g ; f -> h
-    parents = [0, 0, 0, 1, 1, 2, 4, 6]
-    for p in parents:
-        tree.add_children(torch.tensor([p]), torch.randint(2, vocab, (1,), generator=g), torch.tensor([-1.0]))
-    return tree
-
-
-def sequential_logits(model, prefix_ids, path_tokens):
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([prefix_ids + path_tokens]))
-    return out.logits[0, len(prefix_ids) - 1 + len(path_tokens)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

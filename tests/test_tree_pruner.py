@@ -22,8 +22,8 @@ import random
 
 import pytest
 import torch
-from conftest import ARCHS, noisy_copy, tiny_model
-from test_lossless_sampling import (  # the exact-distribution machinery (no test functions imported)
+from conftest import (  # + the exact-distribution machinery of the sampling tests
+    ARCHS,
     HORIZON,
     P_MIN,
     N,
@@ -32,6 +32,8 @@ from test_lossless_sampling import (  # the exact-distribution machinery (no tes
     exact_distribution,
     goodness_of_fit,
     memoized,
+    noisy_copy,
+    tiny_model,
 )
 
 from models.config import SpeculativeDecodingConfig
@@ -475,7 +477,7 @@ PRUNED_VARIANTS = {
 
 
 def pruned_speculative_sample(table, search, pruner, to_probs, prompt, root, generator, counts, memo=None):
-    """speculative_sample of test_lossless_sampling with step 3 between drafting and verifying.
+    """speculative_sample (helpers.py) with step 3 between drafting and verifying.
     ``memo`` caches (pruned tree, target logits) per context: only for top-k children and a
     stateless pruner, where both are deterministic functions of the context."""
     drafter = TableDrafter(table)
@@ -486,8 +488,7 @@ def pruned_speculative_sample(table, search, pruner, to_probs, prompt, root, gen
         if memo is None or key not in memo:
             result = pruner.prune(search.grow(drafter, root, search.shape.max_depth, generator), search.random_draws)
             tree = result.tree
-            logits = torch.stack([table(drafter.context + tuple(tree.tokens[tree.path_to(i)].tolist()))[0]
-                                  for i in range(len(tree))])
+            logits = table.node_logits(drafter.context, tree, 0)
             counts[0] += result.drafted
             counts[1] += result.verified
             if memo is not None:
@@ -516,8 +517,9 @@ def run_pruned_variant(name: str, n: int = N, seed: int = 0, variants=None):
     prompt, root = [3, 1, 4], 2
     generator = torch.Generator().manual_seed(seed)
     counts = [0, 0]  # nodes drafted, verified
-    samples = [pruned_speculative_sample(table, search, pruner, to_probs, prompt, root, generator, counts, memo)
-               for _ in range(n)]
+    with torch.inference_mode():  # the same draws, less autograd bookkeeping per op
+        samples = [pruned_speculative_sample(table, search, pruner, to_probs, prompt, root, generator, counts, memo)
+                   for _ in range(n)]
     return samples, exact_distribution(table, to_probs, tuple(prompt) + (root,)), counts
 
 
