@@ -101,10 +101,11 @@ def test_lookup_negative_control_has_power():
     assert pvalue < P_MIN, f"negative control passed: chi2 p={pvalue:.2e} TV={tv:.4f} bound={bound:.4f}"
 
 
-@pytest.mark.parametrize("draft_kind", ["hf", "eagle_reduced_vocab", "hf_invariant_kernels"])
+@pytest.mark.parametrize("draft_kind", ["hf", "eagle_reduced_vocab", "eagle3_reduced_vocab", "hf_invariant_kernels"])
 def test_decoder_sampling_end_to_end(draft_kind, default_config):
     """The full decoder (caches, prefill sample, generator plumbing, target hidden states for an EAGLE
-    head whose reduced vocabulary leaves q = 0 on some tokens) on a real tiny model.
+    head, or the aux-layer states of an EAGLE-3 draft, whose reduced vocabulary leaves q = 0 on some
+    tokens) on a real tiny model.
 
     Three new tokens: the first comes from the prefill, the next step drafts one level under it, so
     (token 2, token 3) is drafted-then-verified output; its exact law is enumerated from the target."""
@@ -131,6 +132,13 @@ def test_decoder_sampling_end_to_end(draft_kind, default_config):
             for model in (target, draft):
                 set_linear_kernel(model, "invariant")
                 model.set_attn_implementation(invariant_attention.register())
+    elif draft_kind == "eagle3_reduced_vocab":
+        from models.drafters.eagle3 import Eagle3Config, Eagle3Draft
+
+        torch.manual_seed(3)
+        head = Eagle3Draft(Eagle3Config.for_target(target, 4, [0, 1, 2]), target.get_input_embeddings().weight)
+        head.set_draft_vocab(torch.tensor([0, 2, 3, 5]))
+        draft = EagleDrafter(head.eval())
     else:
         torch.manual_seed(3)
         head = EagleHead(EagleConfig.from_target(target, [0, 2, 3, 5]), target.get_input_embeddings().weight,
@@ -140,7 +148,10 @@ def test_decoder_sampling_end_to_end(draft_kind, default_config):
         default_config,
         decoding=dataclasses.replace(default_config.decoding, method="tree", do_sample=True, temperature=1.0),
         tree_search=dataclasses.replace(default_config.tree_search, mode="dynamic", max_depth=2, max_candidates=2,
-                                        max_nodes=4, child_draw="without_replacement"))
+                                        max_nodes=4, child_draw="without_replacement"),
+        # every drafted node verified: what is tested is the sampling path, whatever this machine's
+        # (cached, possibly noisy) cost profile of a tiny model would prune
+        pruning=dataclasses.replace(default_config.pruning, strategy="none"))
     decoder = SpeculativeDecoder.from_models(target, draft, None, config)
     prompt = torch.tensor([[2, 3]])
     n = 3000
