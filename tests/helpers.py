@@ -232,24 +232,34 @@ class TableDrafter(Drafter):
 
 
 def speculative_sample(table, search, to_probs, prompt, root, generator, lookup: int = 0, lookup_max: int = 0,
-                       drafter_cls=None, verify=None) -> tuple[int, ...]:
+                       drafter_cls=None, verify=None, memo: dict | None = None) -> tuple[int, ...]:
     """The decoder's loop (steps 1, 4, 5) without KV caches: the first HORIZON tokens after root.
     ``lookup`` > 0 adds the prompt-lookup branch of that many tokens to every tree (as the decoder does);
     ``lookup_max`` > ``lookup``: copy mode, the span follows ``next_lookup_span`` as in the decoder.
     ``drafter_cls`` (default TableDrafter) and ``verify`` (default the decoder's ``verify_sampling``)
-    let a test swap in a drafter with hidden states or a deliberately wrong verification."""
+    let a test swap in a drafter with hidden states or a deliberately wrong verification.
+    ``memo`` caches (tree, target logits) per context: only for top-k children without the lookup branch,
+    where the search draws nothing and both are deterministic functions of the context (the generator
+    is consumed by the verification alone, so the samples are the same with and without it)."""
     drafter = (drafter_cls or TableDrafter)(table)
     verify = verify or verify_sampling
     drafter.prefill(torch.tensor([prompt]))
     history = PromptLookup(prompt + [root], max_ngram=2, min_ngram=1)
     out = []
     span = lookup
+    assert memo is None or (search.child_draw == "topk" and not lookup), "memo: deterministic trees only"
     while len(out) < HORIZON:
-        tree = search.grow(drafter, root, search.shape.max_depth, generator)
-        copy = history.propose(span) if lookup else []
-        if lookup:
-            add_lookup_branch(tree, copy)
-        logits = table.node_logits(drafter.context, tree, 0)
+        key = drafter.context + (root,)
+        if memo is not None and key in memo:
+            tree, logits = memo[key]
+        else:
+            tree = search.grow(drafter, root, search.shape.max_depth, generator)
+            copy = history.propose(span) if lookup else []
+            if lookup:
+                add_lookup_branch(tree, copy)
+            logits = table.node_logits(drafter.context, tree, 0)
+            if memo is not None:
+                memo[key] = tree, logits
         path, nxt = verify(tree, logits, to_probs, search.child_draw, generator)
         drafter.commit(tree, path)
         accepted = tree.tokens[path[1:]].tolist()

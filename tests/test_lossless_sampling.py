@@ -62,9 +62,10 @@ def run_variant(name: str, n: int = N, seed: int = 0, verify=None):
     prompt, root = [3, 1, 4], 2
     generator = torch.Generator().manual_seed(seed)
     lookup, lookup_max = (LOOKUP_TOKENS, 0) if name.endswith("-lookup") else COPY_SPAN if name.endswith("-copy") else (0, 0)
+    memo = {} if draw == "topk" and not lookup else None  # deterministic trees: grown once per context
     with torch.inference_mode():
         samples = [speculative_sample(table, search, to_probs, prompt, root, generator, lookup, lookup_max,
-                                      verify=verify) for _ in range(n)]
+                                      verify=verify, memo=memo) for _ in range(n)]
     return samples, exact_distribution(table, to_probs, tuple(prompt) + (root,))
 
 
