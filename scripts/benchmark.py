@@ -61,8 +61,7 @@ def _unique_stem(directory: Path) -> Path:
 
 def run(cfg: DictConfig) -> dict:
     b = cfg.benchmark
-    ensure_config_drafts(cfg, b.assistant_model_name if "hf_assisted" in b.methods else None,
-                         *(b.get("drafts") or {}).values())  # demo:draft-lm is made once, on first use
+    ensure_config_drafts(cfg)  # demo:draft-lm is made once, on first use
     config = SpeculativeDecodingConfig.from_hydra(cfg)
     decoder = SpeculativeDecoder(config)
     variants = OmegaConf.to_container(b.variants) if b.get("variants") else None
@@ -72,6 +71,7 @@ def run(cfg: DictConfig) -> dict:
     assistant = None
     if "hf_assisted" in b.methods and decoder.draft_model is None and b.get("assistant_model_name"):
         m = config.model  # HF assisted generation needs an HF causal LM: the EAGLE head is not one
+        ensure_config_drafts(cfg, b.assistant_model_name)
         assistant = load_model(resolve_model_path(b.assistant_model_name, m.cache_dir), m.device, m.dtype,
                                m.attn_implementation, m.cpu_linear)
     per_category = b.get("prompts_per_category")

@@ -69,7 +69,7 @@ def test_depth_counts_on_a_hand_built_tree():
     tree.add_children(torch.tensor([1]), torch.tensor([13]), torch.zeros(1))  # 3 at depth 2
     tree.add_children(torch.tensor([3]), torch.tensor([14]), torch.zeros(1))  # 4 at depth 3
     stats = GenerationStats(method="tree")
-    record = partial(SpeculativeDecoder._record, None, stats, tree)  # the decoder's per-step bookkeeping
+    record = partial(stats.record_step, tree)  # the decoder's per-step bookkeeping
 
     def counts():
         return stats.verified_per_depth, stats.reachable_per_depth, stats.accepted_per_depth

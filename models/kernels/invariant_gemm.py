@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from models.paths import cache_root
+from models.paths import REPO_ROOT, cache_root
 
 SOURCE = Path(__file__).parent / "csrc" / "invariant_gemm.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("invariant_gemm_avx2.inc"))  # what the build reads
@@ -197,14 +197,17 @@ def build_revision(rev: str, cache_dir=None):
     """The kernel library as built from git revision ``rev``'s sources (for A/B timing of kernel
     changes: ``scripts/bench_kernels.py`` kernel ``invariant@<rev>``). Raises ``KernelUnavailable``
     when the revision has no such sources or its packed layout differs from this checkout's."""
-    repo = SOURCE.parents[2]
     texts = []
     for src in SOURCES:
-        rel = src.relative_to(repo).as_posix()
-        try:
-            done = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:{rel}"], capture_output=True, timeout=60)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise KernelUnavailable(f"reading {rel} at revision {rev!r} with git failed: {exc}") from exc
+        rel = src.relative_to(REPO_ROOT).as_posix()
+        for where in (rel, f"models/csrc/{src.name}"):  # revisions before the kernels moved into models/kernels/
+            try:
+                done = subprocess.run(["git", "-C", str(REPO_ROOT), "show", f"{rev}:{where}"], capture_output=True,
+                                      timeout=60)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise KernelUnavailable(f"reading {rel} at revision {rev!r} with git failed: {exc}") from exc
+            if done.returncode == 0:
+                break
         if done.returncode != 0:
             raise KernelUnavailable(f"git revision {rev!r} has no {rel}: {done.stderr.decode()[-300:].strip()}")
         texts.append(done.stdout)

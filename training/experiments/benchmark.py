@@ -62,11 +62,7 @@ from pathlib import Path
 import torch
 
 from models.errors import ConfigError
-from models.kernels.fast_linear import (
-    linear_kernel,
-    resolve_cpu_linear,
-    set_linear_kernel,
-)
+from models.kernels import fast_linear
 from models.paths import cache_root
 from speculative_decoder import (
     PHASES,
@@ -75,6 +71,8 @@ from speculative_decoder import (
     load_draft,
     resolve_model_path,
 )
+from training.drafts.distill import ensure_named_draft
+from training.experiments.llama_cpp import VERSION, convert_to_gguf
 from training.experiments.llama_server import LlamaServer, LlamaServerError
 from training.jsonl import read_jsonl
 
@@ -376,8 +374,6 @@ def is_peer(method: str) -> bool:
 
 def default_llama_server(cache_dir=None) -> Path:
     """Where ``build_llama_cpp`` puts llama-server: $TREESPEC_CACHE/llama.cpp-<version>/llama.cpp/build/bin."""
-    from training.experiments.llama_cpp import VERSION
-
     return cache_root(cache_dir) / f"llama.cpp-{VERSION}" / "llama.cpp" / "build" / "bin" / "llama-server"
 
 
@@ -386,7 +382,6 @@ def target_gguf(target_dir: Path, cache_dir=None, outtype: str = "f32") -> Path:
     $TREESPEC_CACHE/gguf by a key of the directory (its path and its files' names, sizes and times)."""
     from filelock import FileLock
 
-    from training.experiments.llama_cpp import convert_to_gguf
 
     target_dir = Path(target_dir).resolve()
     h = hashlib.sha1(str(target_dir).encode())
@@ -619,6 +614,7 @@ def draft_decoders(decoder: SpeculativeDecoder, drafts: dict | None, taken: list
         if not isinstance(draft_name, str) or not draft_name:
             raise ConfigError(f"benchmark.drafts.{name} must be a draft directory or a demo name, got {draft_name!r}")
         config = dataclasses.replace(decoder.config, model=dataclasses.replace(m, draft_model_name=draft_name))
+        ensure_named_draft(draft_name, m.cache_dir, m.data_dir)  # demo:draft-lm is made once, on first use
         draft = load_draft(resolve_model_path(draft_name, m.cache_dir), decoder.target_model, m)
         out[name] = SpeculativeDecoder.from_models(decoder.target_model, draft, decoder.tokenizer, config)
     return out
@@ -639,11 +635,11 @@ def variant_config(decoder: SpeculativeDecoder, changes: dict):
                 if set(values) - {"cpu_linear"}:
                     raise ConfigError(f"a benchmark variant can change only model.cpu_linear (the models are "
                                       f"loaded once), not {sorted(set(values) - {'cpu_linear'})}")
-                mode = resolve_cpu_linear(values["cpu_linear"])
+                mode = fast_linear.resolve_cpu_linear(values["cpu_linear"])
                 for module in (decoder.target_model, getattr(decoder.drafter, "identity_module", None)):
                     if isinstance(module, torch.nn.Module):
-                        kernels.append((module, linear_kernel(module) or "mkl"))
-                        set_linear_kernel(module, mode)
+                        kernels.append((module, fast_linear.linear_kernel(module) or "mkl"))
+                        fast_linear.set_linear_kernel(module, mode)
             saved[group] = getattr(decoder.config, group)
             setattr(decoder.config, group, dataclasses.replace(saved[group], **values))
         yield
@@ -651,7 +647,7 @@ def variant_config(decoder: SpeculativeDecoder, changes: dict):
         for group, old in saved.items():
             setattr(decoder.config, group, old)
         for module, mode in reversed(kernels):
-            set_linear_kernel(module, mode)
+            fast_linear.set_linear_kernel(module, mode)
 
 
 def format_table(rows: dict) -> str:
