@@ -10,6 +10,7 @@ import time
 
 import pytest
 from conftest import tiny_model, tiny_tokenizer
+from rich.console import Console
 
 from models.errors import ConfigError
 from speculative_decoder import SpeculativeDecoder, SpeculativeDecodingConfig
@@ -19,6 +20,7 @@ from training.experiments.llama_server import (
     LlamaServerError,
     completion_request,
 )
+from training.experiments.report import print_report
 
 FIXED = [11, 12, 13, 14, 15]  # what the fake server "generates"
 
@@ -229,3 +231,6 @@ def test_llama_cpp_columns_in_run_benchmark_against_the_fake_server(fake):
     assert len(bodies) == 2 * 3  # a warm-up and two timed prompts for each column
     ids = [decoder.encode_prompt(p["prompt"])[0].tolist() for p in PROMPTS]
     assert [b["prompt"] for b in bodies[::2]] == ids and all(b["temperature"] == 0.0 for b in bodies)
+    console = Console(record=True, width=240)
+    print_report(out, console)  # the column names are shown as they are, not read as rich markup
+    assert console.export_text().count("llama_cpp[ngram-simple]") == 4  # overall, tok/s, speedup, phases

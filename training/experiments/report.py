@@ -32,6 +32,13 @@ def _depths(rates) -> str:
     return shown + (" .." if len(rates) > MAX_DEPTHS_SHOWN else "")
 
 
+def _plain(name: str):
+    """A method or category name as plain text: rich would read ``llama_cpp[ngram-simple]`` as markup."""
+    from rich.text import Text
+
+    return Text(str(name))
+
+
 def _table(title: str, columns: list[str], caption: str | None = None):
     from rich import box
     from rich.table import Table
@@ -39,7 +46,7 @@ def _table(title: str, columns: list[str], caption: str | None = None):
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
                   collapse_padding=True, title_justify="left", caption_justify="left")
     for i, name in enumerate(columns):
-        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+        table.add_column(_plain(name), justify="left" if i == 0 else "right", no_wrap=True)
     return table
 
 
@@ -51,7 +58,7 @@ def overall_table(rows: dict, memory: dict | None = None):
     for m, r in rows.items():
         ident = "-" if r["identical"] is None else f"{r['identical']}/{r['prompts']}"
         peak = r.get("peak_memory_bytes")
-        table.add_row(m, _fmt(r["tokens_per_s"]), _fmt(r["tau"]), _fmt(r["acceptance_rate"], 3),
+        table.add_row(_plain(m), _fmt(r["tokens_per_s"]), _fmt(r["tau"]), _fmt(r["acceptance_rate"], 3),
                       _depths(r.get("acceptance_per_depth")), _fmt(r.get("speedup_vs_target_only")),
                       _fmt(r.get("speedup_vs_hf_assisted")), ident, _fmt(peak / 2 ** 20 if peak else None, 0))
     return table
@@ -73,7 +80,7 @@ def category_table(out: dict, key: str, title: str, methods: list[str] | None = 
     table = _table(title, ["category", "prompts", *methods])
     for cat, by_method in rows.items():
         n = max((r["prompts"] for r in by_method.values()), default=0)
-        table.add_row(cat, str(n), *(_fmt(by_method[m].get(key), digits) if m in by_method else "-" for m in methods),
+        table.add_row(_plain(cat), str(n), *(_fmt(by_method[m].get(key), digits) if m in by_method else "-" for m in methods),
                       end_section=[cat] == last)
     return table
 
@@ -86,7 +93,7 @@ def phase_table(rows: dict):
     for m, r in rows.items():
         ms = r["phase_ms_per_token"]
         total = sum(v for v in ms.values() if v is not None) if r["new_tokens"] else None
-        table.add_row(m, *(_fmt(ms.get(k), 1) if k in ms else "-" for k in used), _fmt(total, 1))
+        table.add_row(_plain(m), *(_fmt(ms.get(k), 1) if k in ms else "-" for k in used), _fmt(total, 1))
     return table
 
 
