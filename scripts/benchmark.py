@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> dict:
                                m.attn_implementation, m.cpu_linear)
     per_category = b.get("prompts_per_category")
     prompts, n_warmup = select_prompts(repo_path(cfg.data_dir) / b.prompt_file, b.num_prompts, b.warmup_prompts,
-                                       list(b.categories) if b.categories else None, per_category)
+                                       list(b.categories) if b.categories else None, per_category, split=b.split)
     timed = prompts[n_warmup:] if len(prompts) > n_warmup else prompts
     counts = {}
     for row in timed:
@@ -85,7 +85,7 @@ def run(cfg: DictConfig) -> dict:
     result = dict(assistant=b.assistant_model_name if assistant is not None else None,
                   config=OmegaConf.to_container(cfg, resolve=True), device=str(decoder.device),
                   threads=torch.get_num_threads(), prompts=[p["id"] for p in prompts],
-                  selection=dict(prompts_per_category=per_category, num_prompts=None if per_category else b.num_prompts,
+                  selection=dict(split=b.split, prompts_per_category=per_category, num_prompts=None if per_category else b.num_prompts,
                                  timed_per_category=counts, warmup_prompts=[p["id"] for p in prompts[:n_warmup]]),
                   provenance=provenance(device=decoder.device), memory=None, runs={})
     console = make_console()

@@ -103,7 +103,7 @@ def run(cfg: DictConfig) -> dict:
               f"draft {lat['draft_ms']:.2f} ms ({lat['draft_over_target']:.3f}x target) [{time.time() - t0:.0f} s]",
               flush=True)
     prompts, n_warm = select_prompts(repo_path(cfg.data_dir) / cfg.benchmark.prompt_file, 0, s.warmup_prompts,
-                                     per_category=s.prompts_per_category)
+                                     per_category=s.prompts_per_category, split=cfg.benchmark.split)
     first = next(iter(decoders.values()))
     speed = run_benchmark(first, prompts, ["target_only"], s.max_new_tokens, cfg.benchmark.max_prompt_tokens, n_warm,
                           dict(do_sample=False), decoders=decoders)

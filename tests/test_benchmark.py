@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, noisy_copy, run_script, tiny_model, tiny_tokenizer
 
 from models.decoding.tree import DraftTree
-from models.errors import InputError
+from models.errors import ConfigError, InputError
 from speculative_decoder import GenerationStats, SpeculativeDecoder
 from training.experiments.benchmark import PHASE_KEYS, load_prompts, select_prompts
 
@@ -90,7 +90,7 @@ def test_benchmark_cli_per_category(noisy_pair_dirs, tmp_path):
     out = run_script("benchmark.py", f"model.target_model_name={noisy_pair_dirs / 'target'}",
                      f"model.draft_model_name={noisy_pair_dirs / 'draft'}", f"data_dir={tmp_path}",
                      f"output_dir={tmp_path}", f"model.cache_dir={tmp_path / 'cache'}", "pruning=none",
-                     "benchmark.prompt_file=two.jsonl", "benchmark.prompts_per_category=2",
+                     "benchmark.prompt_file=two.jsonl", "benchmark.split=all", "benchmark.prompts_per_category=2",
                      "benchmark.num_prompts=1", "benchmark.max_new_tokens=8", "benchmark.temperatures=[0]",
                      "logger=wandb", "logger.mode=offline")
     assert "speedup vs target_only by category" in out and "time per phase" in out
@@ -203,7 +203,7 @@ def test_benchmark_main_returns_the_headline(noisy_pair_dirs, tmp_path):
         cfg = compose("config", overrides=[
             f"model.target_model_name={noisy_pair_dirs / 'target'}", f"model.draft_model_name={noisy_pair_dirs / 'draft'}",
             f"data_dir={tmp_path}", f"output_dir={tmp_path}", f"model.cache_dir={tmp_path / 'cache'}", "pruning=none",
-            "benchmark.prompt_file=two.jsonl", "benchmark.prompts_per_category=1", "benchmark.warmup_prompts=0",
+            "benchmark.prompt_file=two.jsonl", "benchmark.split=all", "benchmark.prompts_per_category=1", "benchmark.warmup_prompts=0",
             "benchmark.max_new_tokens=4", "benchmark.methods=[target_only,tree]", "benchmark.temperatures=[0]"])
     value = script.main(cfg)
     [path] = tmp_path.glob("benchmark-*.json")
@@ -234,3 +234,23 @@ def test_first_divergence_names_the_token_and_the_targets_margin():
     assert d["margin"] == pytest.approx(float(top[0] - top[1]), rel=1e-5) and d["margin"] >= 0
     shorter = first_divergence(decoder, ids, reference, reference[:4])  # stopped early: no margin
     assert shorter["index"] == 4 and shorter["margin"] is None and shorter["token"] is None
+
+
+def test_tune_and_test_splits_are_disjoint_and_cover_every_category(tmp_path):
+    """The held-out protocol: within each category prompts alternate tune / test in file order, so the
+    halves are disjoint, cover every category alike, and a prompt's half never depends on the selection."""
+    from training.experiments.splits import split_rows
+
+    rows = [{"id": f"{c}{i}", "category": c, "prompt": "x"} for i in range(5) for c in ("a", "b")]
+    tune, test = split_rows(rows, "tune"), split_rows(rows, "test")
+    assert [r["id"] for r in tune] == ["a0", "b0", "a2", "b2", "a4", "b4"]
+    assert [r["id"] for r in test] == ["a1", "b1", "a3", "b3"]
+    assert split_rows(rows, "all") == rows
+    with pytest.raises(ConfigError, match="benchmark.split"):
+        split_rows(rows, "train")
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts, n_warm = select_prompts(path, 99, 1, per_category=2, split="test")
+    assert {r["id"] for r in prompts} <= {r["id"] for r in test} and n_warm == 1
+    prompts, _ = select_prompts(path, 3, 0, split="tune")
+    assert [r["id"] for r in prompts] == ["a0", "b0", "a2"]

@@ -107,7 +107,7 @@ def test_benchmark_cli(tiny_pair_dirs, tmp_path):
     prompts.write_text("\n".join(json.dumps({"id": f"p{i}", "category": "c", "prompt": f"w{i + 5} w7"}) for i in range(3)))
     out = run_script("benchmark.py", f"model.target_model_name={tiny_pair_dirs / 'target'}",
                      f"model.draft_model_name={tiny_pair_dirs / 'draft'}", f"data_dir={tmp_path}",
-                     "benchmark.prompt_file=prompts.jsonl", "benchmark.num_prompts=2", "benchmark.max_new_tokens=8",
+                     "benchmark.prompt_file=prompts.jsonl", "benchmark.split=all", "benchmark.num_prompts=2", "benchmark.max_new_tokens=8",
                      "benchmark.temperatures=[0,1.0]", f"output_dir={tmp_path}")
     assert "hf_assisted" in out and "x HF assisted" in out
     result = json.loads(next(tmp_path.glob("benchmark-*.json")).read_text())
@@ -152,7 +152,7 @@ def test_train_draft_then_eval_draft_then_benchmark_cli(tiny_pair_dirs, tmp_path
     assert result["speed"]["rows"]["tree"]["identical"] == 2  # greedy with the head: the target's tokens
     out = run_script("benchmark.py", *common, f"model.draft_model_name={head}",
                      f"benchmark.assistant_model_name={tiny_pair_dirs / 'draft'}", "benchmark.prompt_file=spec_bench.jsonl",
-                     "benchmark.num_prompts=2", "benchmark.max_new_tokens=8", "benchmark.warmup_prompts=0",
+                     "benchmark.split=all", "benchmark.num_prompts=2", "benchmark.max_new_tokens=8", "benchmark.warmup_prompts=0",
                      f"benchmark.drafts={{lm: '{tiny_pair_dirs / 'draft'}'}}")  # + the tree with the small-LM draft
     result = json.loads(next(tmp_path.glob("benchmark-*.json")).read_text())
     rows = next(iter(result["runs"].values()))["rows"]

@@ -74,6 +74,7 @@ from speculative_decoder import (
 from training.drafts.distill import ensure_named_draft
 from training.experiments.llama_cpp import VERSION, convert_to_gguf
 from training.experiments.llama_server import LlamaServer, LlamaServerError
+from training.experiments.splits import split_rows
 from training.jsonl import read_jsonl
 
 TREESPEC_METHODS = ("target_only", "chain", "tree")
@@ -120,14 +121,16 @@ def _round_robin(queues: list[list[dict]], num: int | None = None) -> list[dict]
     return picked
 
 
-def load_prompts(path: Path, num: int, categories=None) -> list[dict]:
-    """``num`` rows of a prompt JSONL, taken round-robin over categories (all when ``categories`` is None)."""
-    return _round_robin(list(_by_category(read_prompt_rows(path), categories).values()), num)
+def load_prompts(path: Path, num: int, categories=None, split: str = "all") -> list[dict]:
+    """``num`` rows of a prompt JSONL (of ``split``: ``training.experiments.splits``), taken round-robin over
+    categories (all when ``categories`` is None)."""
+    return _round_robin(list(_by_category(split_rows(read_prompt_rows(path), split), categories).values()), num)
 
 
 def select_prompts(path: Path, num: int, warmup: int, categories=None, per_category: int | None = None,
-                   log=print) -> tuple[list[dict], int]:
-    """``(prompts, n_warmup)``: the warm-up prompts first, then the timed ones (``run_benchmark``'s order).
+                   log=print, split: str = "all") -> tuple[list[dict], int]:
+    """``(prompts, n_warmup)``: the warm-up prompts first, then the timed ones (``run_benchmark``'s order),
+    all from ``split`` (``tune`` / ``test``: the held-out protocol of ``training.experiments.splits``).
 
     ``per_category`` None: ``num + warmup`` prompts round-robin over the categories (the first
     ``warmup`` only warm up). ``per_category`` k: the first k prompts of every category (of
@@ -136,10 +139,10 @@ def select_prompts(path: Path, num: int, warmup: int, categories=None, per_categ
     (timed prompts are reused for warm-up only when the file has no other).
     """
     if per_category is None:
-        return load_prompts(path, num + warmup, categories), warmup
+        return load_prompts(path, num + warmup, categories, split), warmup
     if isinstance(per_category, bool) or not isinstance(per_category, int) or per_category < 1:
         raise ValueError(f"benchmark.prompts_per_category must be a positive integer or null, got {per_category!r}")
-    by_cat = _by_category(read_prompt_rows(path), categories)
+    by_cat = _by_category(split_rows(read_prompt_rows(path), split), categories)
     for cat, rows in by_cat.items():
         if len(rows) < per_category:
             log(f"category {cat!r} has only {len(rows)} prompts (benchmark.prompts_per_category={per_category})")
