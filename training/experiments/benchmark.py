@@ -73,7 +73,7 @@ from speculative_decoder import (
 )
 from training.drafts.distill import ensure_named_draft
 from training.experiments.llama_cpp import VERSION, convert_to_gguf
-from training.experiments.llama_server import LlamaServer, LlamaServerError
+from training.experiments.llama_server import LlamaServer, LlamaServerError, peak_rss
 from training.experiments.splits import split_rows
 from training.jsonl import read_jsonl
 
@@ -232,14 +232,7 @@ class PeakMemory:
 
     @staticmethod
     def _vmhwm() -> int | None:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    value, unit = line.split()[1:3]
-                    return int(value) * {"kB": 1024, "mB": 1024 ** 2}.get(unit, 1)
-        except (OSError, ValueError, IndexError):
-            return None
-        return None
+        return peak_rss("self")
 
 
 # ---------------------------------------------------------------------- exactness

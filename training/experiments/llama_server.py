@@ -38,6 +38,18 @@ class LlamaServerError(RuntimeError):
     """llama-server did not start, did not become healthy in time, or answered a request badly."""
 
 
+def peak_rss(pid: int | str = "self") -> int | None:
+    """A Linux process's peak resident set size in bytes (``VmHWM`` of /proc/<pid>/status), None elsewhere."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                value, unit = line.split()[1:3]
+                return int(value) * {"kB": 1024, "mB": 1024 ** 2}.get(unit, 1)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def free_port(host: str = HOST) -> int:
     """A TCP port that is free on ``host`` right now (bound to port 0 and released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -208,13 +220,4 @@ class LlamaServer:
 
     def peak_memory(self) -> int | None:
         """The server process's peak resident set size in bytes (``VmHWM``), None where unavailable."""
-        if self.process is None:
-            return None
-        try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    value, unit = line.split()[1:3]
-                    return int(value) * {"kB": 1024, "mB": 1024 ** 2}.get(unit, 1)
-        except (OSError, ValueError, IndexError):
-            return None
-        return None
+        return None if self.process is None else peak_rss(self.process.pid)
