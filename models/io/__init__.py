@@ -1,0 +1,1 @@
+"""Names to models: loading local directories and the demo pair, and what a decoder loads beside its models."""

@@ -1,0 +1,1 @@
+"""The tree policy: pruning strategies and the measured cost model they read."""

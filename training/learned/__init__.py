@@ -1,0 +1,1 @@
+"""The learned core's pipelines: verification traces, alignment and acceptance-predictor training and evaluation."""
