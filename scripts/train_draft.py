@@ -15,7 +15,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from models.drafters.eagle import META
+from models.drafters import eagle, eagle3
 from training.drafts.train import train_draft
 from training.experiments.tracking import start_run
 
@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> float:
         out = train_draft(cfg, tracker)
     finally:
         tracker.finish()
-    meta = json.loads((out / META).read_text())
+    meta = json.loads((out / (eagle3.META if eagle3.is_eagle3_draft(out) else eagle.META)).read_text())
     print(f"draft: {out}")
     for key in ("steps", "train_seconds", "train_answer_tokens", "vocab_size", "heldout_vocab_coverage", "heldout"):
         print(f"  {key}: {meta.get(key)}")

@@ -143,6 +143,14 @@ def test_train_draft_then_eval_draft_then_benchmark_cli(tiny_pair_dirs, tmp_path
                        "draft.epochs=2", "draft.batch_tokens=64", "draft.eval_sequences=2", "draft.bf16=false",
                        f"out_dir={head}")
     assert "steps:" in again
+    head3 = tmp_path / "eagle3"  # the engines' EAGLE-3 layout, trained the same way (the 2-layer target's one inner layer, thrice)
+    out = run_script("train_draft.py", *common, "draft=eagle3", "draft.teacher.files=[train.jsonl]",
+                     "draft.teacher.num_prompts=16", "draft.teacher.shard_prompts=8", "draft.teacher.batch_size=4",
+                     "draft.teacher.max_new_tokens=8", "draft.teacher.dtype=float32", "draft.teacher.feature_layers=[1,1,1]",
+                     "draft.vocab_size=40", "draft.epochs=2", "draft.batch_tokens=64", "draft.eval_sequences=2",
+                     "draft.bf16=false", f"out_dir={head3}")
+    assert (head3 / "config.json").is_file() and (head3 / "model.safetensors").is_file() and "heldout" in out
+    assert json.loads((head3 / "treespec.json").read_text())["family"] == "eagle3"
     out = run_script("eval_draft.py", *common, f"model.draft_model_name={head}", "eval_draft.num_prompts=4",
                      "eval_draft.max_new_tokens=8", "eval_draft.speed_prompts=2", "eval_draft.speed_max_new_tokens=8",
                      "eval_draft.latency_repeats=3", "eval_draft.latency_context=16", "eval_draft.batch_size=2")
@@ -153,10 +161,10 @@ def test_train_draft_then_eval_draft_then_benchmark_cli(tiny_pair_dirs, tmp_path
     out = run_script("benchmark.py", *common, f"model.draft_model_name={head}",
                      f"benchmark.assistant_model_name={tiny_pair_dirs / 'draft'}", "benchmark.prompt_file=spec_bench.jsonl",
                      "benchmark.split=all", "benchmark.num_prompts=2", "benchmark.max_new_tokens=8", "benchmark.warmup_prompts=0",
-                     f"benchmark.drafts={{lm: '{tiny_pair_dirs / 'draft'}'}}")  # + the tree with the small-LM draft
+                     f"benchmark.drafts={{lm: '{tiny_pair_dirs / 'draft'}', e3: '{head3}'}}")  # + the other drafts' trees
     result = json.loads(next(tmp_path.glob("benchmark-*.json")).read_text())
     rows = next(iter(result["runs"].values()))["rows"]
-    assert rows["lm"]["tau"] > 0
+    assert rows["lm"]["tau"] > 0 and rows["e3"]["tau"] > 0
     assert all(r["identical"] == 2 for r in rows.values())
     assert result["assistant"] == str(tiny_pair_dirs / "draft")
     code, _, err = script_result("benchmark.py", *common, f"model.draft_model_name={head}",
