@@ -68,11 +68,11 @@ def convert_to_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, o
     """``convert_hf_to_gguf.py model_dir --outtype outtype --outfile out_file`` (``--target-model-dir``
     for an EAGLE-3 draft: the converter reads the target's tokenizer, vocabulary size and depth)."""
     src = llama_cpp_source(cache_dir)
-    out = Path(out_file)
-    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype,
+    out = Path(out_file).resolve()  # the converter runs inside llama.cpp's folder: absolute paths only
+    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(Path(model_dir).resolve()), "--outtype", outtype,
            "--outfile", str(out)]
     if target_dir is not None:
-        cmd += ["--target-model-dir", str(target_dir)]
+        cmd += ["--target-model-dir", str(Path(target_dir).resolve())]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src / "gguf-py"), str(src)])}
     got = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=src, timeout=timeout)
     if got.returncode != 0 or not out.is_file():
