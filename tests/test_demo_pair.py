@@ -43,7 +43,7 @@ def test_demo_pair_greedy_is_lossless(pair, method, mode, default_config):
         assert stats.target_forwards <= 20
 
 
-@pytest.mark.parametrize("name", ["demo:draft", "demo:draft-more"])
+@pytest.mark.parametrize("name", ["demo:draft", "demo:draft-more", "demo:draft-eagle3"])
 @pytest.mark.parametrize("method", ["chain", "tree"])
 def test_shipped_eagle_draft_is_lossless_and_accepted(pair, method, name, default_config):
     """The heads shipped in models/checkpoints: exact greedy output on the demo target, and each is a
