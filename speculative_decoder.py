@@ -95,16 +95,20 @@ class SpeculativeDecoder:
     def prepare(self) -> None:
         """Load what the config names beside the models: the alignment and predictor (again when the
         config, changed in place, names others; null unloads) and, for the cost-aware pruner, its cost
-        model (measured once per machine and pair: seconds to a minute). ``generate`` calls it before
+        model (measured once per machine and pair: seconds to a minute). ``generate`` does the same before
         its clock starts; call it yourself after changing the config to pay that cost up front."""
+        self._sync_learned()
+        if self.drafter is not None and self.config.pruning.strategy == "cost_aware":
+            self.resources.cost_model(self)
+
+    def _sync_learned(self) -> None:
+        """The alignment and predictor the config names now (loaded once each by ``resources``)."""
         key = (self.config.affine_alignment.alignment_checkpoint, self.config.acceptance_predictor.checkpoint,
                self.config.model.draft_model_name)
         if key != self._learned_key:
             self.alignment, self.predictor = self.resources.learned(self.config, self.target_model, self.drafter,
                                                                     self.device)
             self._learned_key = key
-        if self.drafter is not None and self.config.pruning.strategy == "cost_aware":
-            self.resources.cost_model(self)
 
     # ------------------------------------------------------------------ public API
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, on_step=None,
@@ -152,7 +156,7 @@ class SpeculativeDecoder:
     def _run(self, input_ids, max_new_tokens, overrides, on_step=None) -> Iterator[tuple[torch.Tensor, GenerationStats]]:
         self.config.validate()  # configs are changed in place: check at use, not only when built
         cfg = self._decoding(overrides)
-        self.prepare()
+        self._sync_learned()  # the cost model: by the pruner, also before the clock starts
         max_new = cfg.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if max_new < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new}")
@@ -204,7 +208,7 @@ class SpeculativeDecoder:
             drafted = tree
             # 3. Prune: the sub-tree worth verifying (closed under ancestors) and its expected yield.
             if pruner is not None and tree.num_drafted:
-                pruned = pruner.prune(tree, search.random_draws, self._draft_ms(pruner, search))
+                pruned = pruner.prune(tree, search.random_draws, _draft_ms(pruner, search.level_widths))
                 tree, expected = pruned.tree, pruned.expected
                 timer.lap("prune")
             else:
@@ -341,12 +345,8 @@ class SpeculativeDecoder:
             return None
         pruner = TreePruner(p, self.resources.cost_model(self) if p.strategy == "cost_aware" else None)
         search.stop_rule = lambda tree, frontier, widths: pruner.stop_drafting(
-            tree, frontier, pruner.cost.draft_total(widths) if pruner.cost is not None else 0.0, search.random_draws)
+            tree, frontier, _draft_ms(pruner, widths), search.random_draws)
         return pruner
-
-    @staticmethod
-    def _draft_ms(pruner: TreePruner, search: DraftTreeSearch) -> float:
-        return pruner.cost.draft_total(search.level_widths) if pruner.cost is not None else 0.0
 
     @staticmethod
     def _context(logits: torch.Tensor, to_probs, accepted: int) -> StepContext:
@@ -383,6 +383,11 @@ def _finite(logits: torch.Tensor, where: str) -> torch.Tensor:
         raise NumericalError(f"the target's logits contain {bad} ({where}, dtype {logits.dtype}); usually an "
                              "overflow in reduced precision: try model.dtype=bfloat16 or float32")
     return logits
+
+
+def _draft_ms(pruner: TreePruner, widths: list[int]) -> float:
+    """What drafting levels of these frontier widths cost, by the pruner's cost model (0 without one)."""
+    return pruner.cost.draft_total(widths) if pruner.cost is not None else 0.0
 
 
 def _pick(logits: torch.Tensor, to_probs, generator) -> int:
